@@ -1,0 +1,277 @@
+"""The job's configuration: one typed, frozen, validated object, from YAML and/or flags.
+
+Each field carries its help text (``metadata["help"]``); the CLI builds its flags from the
+fields, so a field added here is a flag and a YAML key at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+INPUT_FORMATS = ("auto", "parquet", "jsonl")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key, the value and the fix."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a rerank run needs. Build it with ``JobConfig(...)``, ``from_dict`` or
+    ``from_yaml``; it is validated when built and cannot change afterwards."""
+
+    # --- source ---------------------------------------------------------------------------
+    input: str = _f(help="Input shards: s3://bucket/prefix/, a local directory, file or glob.")
+    output: str = _f(help="Output root: s3://bucket/prefix/ or a local directory.")
+    input_format: str = _f("auto", help="parquet, jsonl, or auto (from file extensions).")
+    query_id_column: str = _f("query_id", help="Input column holding the query id.")
+    query_column: str = _f("query", help="Input column holding the query text.")
+    doc_id_column: str = _f("doc_id", help="Input column holding the document id.")
+    doc_column: str = _f("doc", help="Input column holding the document text.")
+    keep_columns: list[str] | None = _f(
+        None, help="Input columns written to the output (ids always kept); default all."
+    )
+    # --- storage --------------------------------------------------------------------------
+    s3_endpoint_url: str | None = _f(
+        None, help="S3-compatible endpoint URL; default AWS_ENDPOINT_URL[_S3] or AWS itself."
+    )
+    s3_region: str | None = _f(None, help="S3 region; default from the AWS chain.")
+    s3_verify_tls: bool = _f(
+        True, help="Verify TLS certificates of the S3 endpoint (turn off only for local tests)."
+    )
+    # --- model ----------------------------------------------------------------------------
+    model: str = _f(DEFAULT_MODEL, help="Hugging Face hub id, local directory or s3:// prefix.")
+    revision: str | None = _f(None, help="Hub revision (branch, tag or commit) of the model.")
+    model_cache_dir: str | None = _f(
+        None, help="Where s3:// models are downloaded on each node; default ~/.cache/rerank-ray."
+    )
+    dtype: str = _f("auto", help="float16, bfloat16, float32, or auto (fp16 on GPU, fp32 on CPU).")
+    max_length: int = _f(512, help="Max tokens of a (query, doc) pair, special tokens included.")
+    query_max_length: int | None = _f(
+        None, help="Max tokens of the query alone; default 3/4 of max_length (as FlagReranker)."
+    )
+    allow_pickle_weights: bool = _f(
+        False, help="Allow loading pickle (.bin) weights when no safetensors exist. Unsafe."
+    )
+    trust_remote_code: bool = _f(False, help="Run model code from the model repository. Unsafe.")
+    # --- scale ----------------------------------------------------------------------------
+    device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
+    num_actors: int | None = _f(
+        None, help="Fixed scoring pool size; default: GPUs in the cluster (1 on CPU)."
+    )
+    min_actors: int | None = _f(None, help="Autoscaling pool minimum (with max_actors).")
+    max_actors: int | None = _f(None, help="Autoscaling pool maximum (with min_actors).")
+    tokenize_actors: int = _f(2, help="Tokenizer actors (CPU) feeding the scoring pool.")
+    batch_rows: int = _f(2048, help="Rows per batch handed to each stage.")
+    token_budget: int | None = _f(
+        None, help="Max tokens (padded) per forward pass; default: autotuned on GPU, 8192 on CPU."
+    )
+    # --- sink -----------------------------------------------------------------------------
+    partition_by: list[str] = _f(
+        ["run_date"], help="Hive partition columns of the output (run_date = the run's date)."
+    )
+    run_date: str | None = _f(None, help="Value of the run_date partition (YYYY-MM-DD); default today (UTC).")
+    run_id: str | None = _f(None, help="Run id, part of every output file name; default generated.")
+
+    # ---------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for key in ("input", "output"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"`{key}` is required: pass --{key} URI or set `{key}:` in YAML.")
+        _choice("input_format", self.input_format, INPUT_FORMATS)
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("device", self.device, DEVICES)
+        if self.max_length < 8:
+            raise ConfigError(f"`max_length` is {self.max_length}; it must be at least 8.")
+        if self.query_max_length is not None and not (
+            1 <= self.query_max_length <= self.max_length - 4
+        ):
+            raise ConfigError(
+                f"`query_max_length` is {self.query_max_length}; it must be between 1 and "
+                f"max_length - 4 ({self.max_length - 4}) so the document keeps some tokens."
+            )
+        for key in ("num_actors", "min_actors", "max_actors", "token_budget"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"`{key}` is {value}; it must be a positive integer.")
+        if self.num_actors is not None and (self.min_actors or self.max_actors):
+            raise ConfigError(
+                "Set either `num_actors` (fixed pool) or `min_actors`/`max_actors` (autoscaling), "
+                "not both."
+            )
+        if (self.min_actors is None) != (self.max_actors is None):
+            raise ConfigError("`min_actors` and `max_actors` go together: set both.")
+        if self.min_actors is not None and self.min_actors > self.max_actors:
+            raise ConfigError(
+                f"`min_actors` ({self.min_actors}) is larger than `max_actors` ({self.max_actors})."
+            )
+        if self.tokenize_actors < 1 or self.batch_rows < 1:
+            raise ConfigError("`tokenize_actors` and `batch_rows` must be positive integers.")
+        if self.token_budget is not None and self.token_budget < self.max_length:
+            raise ConfigError(
+                f"`token_budget` ({self.token_budget}) is below `max_length` ({self.max_length}): "
+                "one full-length pair must fit in a forward pass."
+            )
+        if self.run_date is not None:
+            try:
+                _dt.date.fromisoformat(self.run_date)
+            except ValueError:
+                raise ConfigError(
+                    f"`run_date` is {self.run_date!r}; use the YYYY-MM-DD form, e.g. 2026-11-21."
+                ) from None
+        if self.run_id is not None and not _is_safe_id(self.run_id):
+            raise ConfigError(
+                f"`run_id` is {self.run_id!r}; use letters, digits, '-' and '_' only "
+                "(it becomes part of file names)."
+            )
+        cols = [self.query_id_column, self.query_column, self.doc_id_column, self.doc_column]
+        if len(set(cols)) != 4:
+            raise ConfigError(f"The four column names must differ; got {cols}.")
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def effective_query_max_length(self) -> int:
+        """Query token limit: the configured one, else 3/4 of ``max_length`` (FlagReranker's)."""
+        if self.query_max_length is not None:
+            return self.query_max_length
+        return self.max_length * 3 // 4
+
+    @property
+    def effective_run_date(self) -> str:
+        """The run date partition value."""
+        return self.run_date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        """Input column name -> canonical name."""
+        return {
+            self.query_id_column: "query_id",
+            self.query_column: "query",
+            self.doc_id_column: "doc_id",
+            self.doc_column: "doc",
+        }
+
+    def with_defaults_resolved(self) -> JobConfig:
+        """A copy with the run id and run date fixed, so every worker sees the same values."""
+        return dataclasses.replace(
+            self,
+            run_id=self.run_id or new_run_id(),
+            run_date=self.effective_run_date,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (for the manifest and for logging)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> JobConfig:
+        """Build from a mapping; an unknown key is an error naming the closest valid key."""
+        valid = cls.field_names()
+        normalized: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+                hint = f" Did you mean `{close[0]}`?" if close else ""
+                raise ConfigError(
+                    f"Unknown key `{key}` in {source}.{hint} Valid keys: {', '.join(valid)}."
+                )
+            normalized[name] = _coerce(name, value, source)
+        try:
+            return cls(**normalized)
+        except TypeError as err:
+            raise ConfigError(f"Invalid {source}: {err}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+        """Load a YAML file; ``overrides`` (e.g. from flags) win over the file's values."""
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping of keys to values.")
+        merged = {str(k).replace("-", "_"): v for k, v in data.items()}
+        merged.update(overrides or {})
+        return cls.from_dict(merged, source=str(path))
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC timestamp plus a random suffix."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{now}-{uuid.uuid4().hex[:8]}"
+
+
+def _is_safe_id(value: str) -> bool:
+    return bool(value) and all(c.isalnum() or c in "-_" for c in value)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}.")
+
+
+_BOOL_FIELDS = {"s3_verify_tls", "allow_pickle_weights", "trust_remote_code"}
+_INT_FIELDS = {
+    "max_length",
+    "query_max_length",
+    "num_actors",
+    "min_actors",
+    "max_actors",
+    "tokenize_actors",
+    "batch_rows",
+    "token_budget",
+}
+_LIST_FIELDS = {"keep_columns", "partition_by"}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Accept YAML/flag spellings (``"true"``, ``"512"``, ``"a,b"``); reject the rest clearly."""
+    if value is None:
+        return None
+    if name in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"`{name}` in {source} is {value!r}; use true or false.")
+    if name in _INT_FIELDS:
+        if isinstance(value, bool):
+            raise ConfigError(f"`{name}` in {source} is {value!r}; use an integer.")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"`{name}` in {source} is {value!r}; use an integer.") from None
+    if name in _LIST_FIELDS:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        raise ConfigError(f"`{name}` in {source} is {value!r}; use a list or 'a,b,c'.")
+    if not isinstance(value, str):
+        raise ConfigError(f"`{name}` in {source} is {value!r}; use a string.")
+    return value

@@ -1,0 +1,90 @@
+"""Column names, Arrow schemas and reject reason codes: the contract between stages.
+
+Every stage reads and writes these names, so a rename happens in one place. Input columns
+are renamed to the canonical names below as they are read (see ``source.py``).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Canonical input columns.
+QUERY_ID = "query_id"
+QUERY = "query"
+DOC_ID = "doc_id"
+DOC = "doc"
+REQUIRED_COLUMNS = (QUERY_ID, QUERY, DOC_ID, DOC)
+TEXT_COLUMNS = (QUERY, DOC)
+
+# Columns the tokenize stage adds and the score stage consumes.
+INPUT_IDS = "input_ids"
+TOKEN_TYPE_IDS = "token_type_ids"
+NUM_TOKENS = "num_tokens"
+REJECT_REASON = "reject_reason"
+TOKEN_COLUMNS = (INPUT_IDS, TOKEN_TYPE_IDS, NUM_TOKENS)
+
+# Output columns added by the job.
+SCORE = "score"
+SCORE_NORM = "score_norm"
+TRUNCATED = "truncated"
+OUTPUT_COLUMNS = (SCORE, SCORE_NORM, TRUNCATED)
+
+# Default partition column; its value is the run date (YYYY-MM-DD).
+RUN_DATE = "run_date"
+
+# Directory (under the output) for rejected rows, and the commit marker.
+REJECTS_DIR = "_rejects"
+MANIFEST_NAME = "_SUCCESS"
+
+
+class RejectReason:
+    """Reason codes for rows that cannot be scored. Stored in the ``reject_reason`` column."""
+
+    NULL_QUERY = "null_query"
+    NULL_DOC = "null_doc"
+    EMPTY_QUERY = "empty_query"
+    EMPTY_DOC = "empty_doc"
+    NOT_STRING_QUERY = "not_string_query"
+    NOT_STRING_DOC = "not_string_doc"
+    NULL_ID = "null_id"
+
+    ALL = (
+        NULL_QUERY,
+        NULL_DOC,
+        EMPTY_QUERY,
+        EMPTY_DOC,
+        NOT_STRING_QUERY,
+        NOT_STRING_DOC,
+        NULL_ID,
+    )
+
+
+def token_schema_fields(with_token_type_ids: bool) -> list[pa.Field]:
+    """Arrow fields the tokenize stage appends. Token ids travel as compact int32 lists."""
+    fields = [
+        pa.field(INPUT_IDS, pa.list_(pa.int32())),
+        pa.field(NUM_TOKENS, pa.int32()),
+        pa.field(TRUNCATED, pa.bool_()),
+        pa.field(REJECT_REASON, pa.string()),
+    ]
+    if with_token_type_ids:
+        fields.insert(1, pa.field(TOKEN_TYPE_IDS, pa.list_(pa.int8())))
+    return fields
+
+
+SCORE_FIELDS = (
+    pa.field(SCORE, pa.float32()),
+    pa.field(SCORE_NORM, pa.float32()),
+)
+
+
+def scored_schema(passthrough: pa.Schema) -> pa.Schema:
+    """Schema of scored output rows: passthrough columns, then score, score_norm, truncated."""
+    fields = [f for f in passthrough if f.name not in OUTPUT_COLUMNS and f.name != REJECT_REASON]
+    return pa.schema([*fields, *SCORE_FIELDS, pa.field(TRUNCATED, pa.bool_())])
+
+
+def rejects_schema(passthrough: pa.Schema) -> pa.Schema:
+    """Schema of rejected rows: passthrough columns, then ``reject_reason``."""
+    fields = [f for f in passthrough if f.name not in OUTPUT_COLUMNS and f.name != REJECT_REASON]
+    return pa.schema([*fields, pa.field(REJECT_REASON, pa.string())])
