@@ -88,7 +88,9 @@ class JobConfig:
     partition_by: list[str] = _f(
         ["run_date"], help="Hive partition columns of the output (run_date = the run's date)."
     )
-    run_date: str | None = _f(None, help="Value of the run_date partition (YYYY-MM-DD); default today (UTC).")
+    run_date: str | None = _f(
+        None, help="Value of the run_date partition (YYYY-MM-DD); default today (UTC)."
+    )
     run_id: str | None = _f(None, help="Run id, part of every output file name; default generated.")
 
     # ---------------------------------------------------------------------------------------

@@ -1,0 +1,323 @@
+"""Padding-free cross-encoder forward: packed tokens and variable-length attention.
+
+A micro-batch arrives as the tokenize stage emits it: every sequence's token ids back to back
+(``ids_flat``) and Arrow list offsets (``offsets``, i.e. cu_seqlens, starting at 0). The encoder
+runs on exactly those tokens: no padding, so no FLOPs or memory are spent on pad positions.
+Attention stays within each sequence through ``torch.nn.attention.varlen.varlen_attn`` (flash
+attention over cu_seqlens) on CUDA; elsewhere, and where that kernel is missing, it scatters
+q/k/v into a padded block for SDPA and gathers the result back (exact; the CPU reference).
+
+Weights are taken once from a loaded Hugging Face ``XLMRobertaForSequenceClassification``,
+``RobertaForSequenceClassification`` or ``BertForSequenceClassification`` (q/k/v fused into one
+projection), so the result equals that model's padded forward up to float rounding. The first
+token of each sequence feeds the model's own classifier head; one raw logit per sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
+ATTENTION_BACKENDS = ("auto", "varlen", "sdpa")
+_ROBERTA_LIKE = ("xlm-roberta", "roberta")
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def varlen_attention_available() -> bool:
+    """Whether this PyTorch has ``torch.nn.attention.varlen.varlen_attn`` and a CUDA device."""
+    return _varlen_attn() is not None and torch.cuda.is_available()
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@dataclass(frozen=True)
+class _LayerWeights:
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    up_w: torch.Tensor
+    up_b: torch.Tensor
+    down_w: torch.Tensor
+    down_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+
+
+def _post_attention(
+    attn: torch.Tensor, x: torch.Tensor, w: _LayerWeights, eps: float, act: str
+) -> torch.Tensor:
+    """Output projection, residual + LayerNorm, feed-forward, residual + LayerNorm.
+
+    Kept as one function so ``torch.compile`` can fuse the bias/activation/residual/LayerNorm
+    elementwise work between the matmuls when asked to.
+    """
+    hidden = x.shape[-1]
+    x = F.layer_norm(F.linear(attn, w.out_w, w.out_b) + x, (hidden,), w.ln1_w, w.ln1_b, eps)
+    h = _ACTIVATIONS[act](F.linear(x, w.up_w, w.up_b))
+    return F.layer_norm(F.linear(h, w.down_w, w.down_b) + x, (hidden,), w.ln2_w, w.ln2_b, eps)
+
+
+class PendingScores:
+    """Scores of a submitted micro-batch; ``result()`` waits for the device and returns them."""
+
+    def __init__(self, host: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._event = event
+
+    def result(self) -> np.ndarray:
+        """The raw logits, float32, one per sequence in submission order."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
+
+
+class PackedEncoder:
+    """Padding-free runner: ``score(ids_flat, offsets, type_ids_flat) -> float32 logits``.
+
+    Same call as the padded runner. ``submit`` is the asynchronous form: it stages the inputs
+    in pinned memory, copies them without blocking and queues the whole forward, so the host
+    prepares the next micro-batch while the device computes this one.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        attention: str = "auto",
+        compile: bool = False,  # noqa: A002
+    ) -> None:
+        """Copy the weights of a loaded HF sequence-classification ``model``.
+
+        ``device``/``dtype`` default to the model's. ``attention``: ``varlen`` (CUDA flash
+        attention over cu_seqlens), ``sdpa`` (padded per micro-batch, exact, any device) or
+        ``auto`` (varlen where available with fp16/bf16, else sdpa). ``compile`` wraps the
+        per-layer elementwise work in ``torch.compile`` (dynamic shapes).
+        """
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"PackedEncoder supports model types {SUPPORTED_MODEL_TYPES}, got "
+                f"{cfg.model_type!r}; use the padded runner for this model."
+            )
+        if cfg.num_labels != 1:
+            raise ValueError(
+                f"A reranker has one output logit; this model has num_labels={cfg.num_labels}."
+            )
+        if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+            raise ValueError(
+                f"Only absolute position embeddings are supported, got "
+                f"{cfg.position_embedding_type!r}; use the padded runner for this model."
+            )
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"Unsupported hidden_act {cfg.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}."
+            )
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}.")
+
+        first_param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else first_param.device
+        self.dtype = dtype if dtype is not None else first_param.dtype
+        self._act = cfg.hidden_act
+        self._eps = float(cfg.layer_norm_eps)
+        self._heads = int(cfg.num_attention_heads)
+        self._hidden = int(cfg.hidden_size)
+        roberta_like = cfg.model_type in _ROBERTA_LIKE
+        # XLM-R/RoBERTa number positions from padding_idx + 1 and skip pad tokens.
+        self._pad_idx = int(cfg.pad_token_id) if roberta_like else None
+        base = model.roberta if roberta_like else model.bert
+        offset = self._pad_idx + 1 if roberta_like else 0
+        self.max_tokens = int(cfg.max_position_embeddings) - offset
+
+        def t(p: torch.Tensor) -> torch.Tensor:
+            return p.detach().to(device=self.device, dtype=self.dtype).contiguous()
+
+        emb = base.embeddings
+        self._word = t(emb.word_embeddings.weight)
+        self._pos = t(emb.position_embeddings.weight)
+        self._type = t(emb.token_type_embeddings.weight)
+        self._emb_ln = (t(emb.LayerNorm.weight), t(emb.LayerNorm.bias))
+        self._layers = []
+        for layer in base.encoder.layer:
+            sa, ao = layer.attention.self, layer.attention.output
+            self._layers.append(
+                _LayerWeights(
+                    qkv_w=t(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])),
+                    qkv_b=t(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])),
+                    out_w=t(ao.dense.weight),
+                    out_b=t(ao.dense.bias),
+                    ln1_w=t(ao.LayerNorm.weight),
+                    ln1_b=t(ao.LayerNorm.bias),
+                    up_w=t(layer.intermediate.dense.weight),
+                    up_b=t(layer.intermediate.dense.bias),
+                    down_w=t(layer.output.dense.weight),
+                    down_b=t(layer.output.dense.bias),
+                    ln2_w=t(layer.output.LayerNorm.weight),
+                    ln2_b=t(layer.output.LayerNorm.bias),
+                )
+            )
+        if roberta_like:  # classifier head: dense -> tanh -> out_proj on the first token
+            head = model.classifier
+            self._head = (t(head.dense.weight), t(head.dense.bias))
+            self._out = (t(head.out_proj.weight), t(head.out_proj.bias))
+        else:  # BERT: pooler (dense -> tanh) on the first token, then the classifier
+            if base.pooler is None:
+                raise ValueError("BERT model has no pooler; cannot reproduce its classifier head.")
+            self._head = (t(base.pooler.dense.weight), t(base.pooler.dense.bias))
+            self._out = (t(model.classifier.weight), t(model.classifier.bias))
+
+        on_cuda = self.device.type == "cuda"
+        half = self.dtype in (torch.float16, torch.bfloat16)
+        if attention == "auto":
+            attention = "varlen" if (on_cuda and half and _varlen_attn() is not None) else "sdpa"
+        if attention == "varlen" and (not on_cuda or _varlen_attn() is None):
+            raise ValueError(
+                "attention='varlen' needs CUDA and torch.nn.attention.varlen.varlen_attn "
+                f"(device {self.device}, torch {torch.__version__}); use attention='sdpa'."
+            )
+        self.attention = attention
+        self._pin = on_cuda
+        self._post = torch.compile(_post_attention, dynamic=True) if compile else _post_attention
+
+    # --- host side --------------------------------------------------------------------------
+    def _stage(
+        self, ids_flat: np.ndarray, offsets: np.ndarray, type_ids_flat: np.ndarray | None
+    ) -> tuple[torch.Tensor, int, int, int, bool]:
+        """Validate and pack every int input of a micro-batch into one int32 host buffer.
+
+        Layout: ids[T] | positions[T] | cu_seqlens[B+1] | (type ids[T]) | (row[T] | col[T]),
+        the last two only for SDPA. One buffer means one host-to-device copy.
+        """
+        offsets = np.asarray(offsets)
+        ids_flat = np.asarray(ids_flat)
+        if offsets.ndim != 1 or len(offsets) < 2 or offsets[0] != 0:
+            raise ValueError("offsets must be 1-D Arrow list offsets starting at 0, length B+1.")
+        lengths = np.diff(offsets)
+        n_seq, n_tok = len(lengths), int(offsets[-1])
+        if n_tok != len(ids_flat):
+            raise ValueError(f"offsets end at {n_tok} but ids_flat has {len(ids_flat)} tokens.")
+        if lengths.min() < 1:
+            raise ValueError("every sequence needs at least one token (found an empty one).")
+        max_len = int(lengths.max())
+        if max_len > self.max_tokens:
+            raise ValueError(
+                f"a sequence has {max_len} tokens; this model takes at most {self.max_tokens}. "
+                "Lower max_length in the tokenize stage."
+            )
+        has_types = type_ids_flat is not None
+        if has_types and len(type_ids_flat) != n_tok:
+            raise ValueError(f"type_ids_flat has {len(type_ids_flat)} entries, ids {n_tok}.")
+        sdpa = self.attention == "sdpa"
+        size = 2 * n_tok + n_seq + 1 + (n_tok if has_types else 0) + (2 * n_tok if sdpa else 0)
+        host = torch.empty(size, dtype=torch.int32, pin_memory=self._pin)
+        buf = host.numpy()
+        starts = offsets[:-1]
+        col = np.arange(n_tok, dtype=np.int64) - np.repeat(starts, lengths)
+        buf[:n_tok] = ids_flat
+        if self._pad_idx is None:
+            buf[n_tok : 2 * n_tok] = col
+        else:  # HF create_position_ids_from_input_ids, restarted at every sequence
+            not_pad = ids_flat != self._pad_idx
+            running = np.cumsum(not_pad, dtype=np.int64)
+            before = np.concatenate(([0], running))[starts]
+            buf[n_tok : 2 * n_tok] = (running - np.repeat(before, lengths)) * not_pad
+            buf[n_tok : 2 * n_tok] += self._pad_idx
+        at = 2 * n_tok
+        buf[at : at + n_seq + 1] = offsets
+        at += n_seq + 1
+        if has_types:
+            buf[at : at + n_tok] = type_ids_flat
+            at += n_tok
+        if sdpa:
+            buf[at : at + n_tok] = np.repeat(np.arange(n_seq), lengths)
+            buf[at + n_tok : at + 2 * n_tok] = col
+        return host, n_tok, n_seq, max_len, has_types
+
+    # --- device side ------------------------------------------------------------------------
+    def _attention(
+        self, qkv: torch.Tensor, cu: torch.Tensor, max_len: int, rowcol: torch.Tensor | None
+    ) -> torch.Tensor:
+        n_tok = qkv.shape[0]
+        qkv = qkv.view(n_tok, 3, self._heads, self._hidden // self._heads)
+        if self.attention == "varlen":
+            q, k, v = qkv.unbind(1)
+            out = _varlen_attn()(q, k, v, cu, cu, max_len, max_len)
+            return out.reshape(n_tok, self._hidden)
+        row, col = rowcol[0].long(), rowcol[1].long()
+        n_seq = cu.shape[0] - 1
+        padded = qkv.new_zeros(n_seq, max_len, 3, self._heads, qkv.shape[-1])
+        padded[row, col] = qkv
+        q, k, v = (padded[:, :, i].transpose(1, 2) for i in range(3))  # (B, heads, L, d)
+        lengths = (cu[1:] - cu[:-1]).long()
+        keep = torch.arange(max_len, device=qkv.device)[None, :] < lengths[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return out.transpose(1, 2)[row, col].reshape(n_tok, self._hidden)
+
+    def _forward(self, dev: torch.Tensor, n_tok: int, n_seq: int, max_len: int, has_types: bool):
+        ids, pos = dev[:n_tok], dev[n_tok : 2 * n_tok]
+        at = 2 * n_tok
+        cu = dev[at : at + n_seq + 1]
+        at += n_seq + 1
+        x = F.embedding(ids, self._word) + F.embedding(pos, self._pos)
+        if has_types:
+            x = x + F.embedding(dev[at : at + n_tok], self._type)
+            at += n_tok
+        else:  # HF's default token_type_ids are all zero
+            x = x + self._type[0]
+        rowcol = dev[at : at + 2 * n_tok].view(2, n_tok) if self.attention == "sdpa" else None
+        x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
+        for w in self._layers:
+            attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, rowcol)
+            x = self._post(attn, x, w, self._eps, self._act)
+        first = x.index_select(0, cu[:-1])
+        pooled = torch.tanh(F.linear(first, *self._head))
+        return F.linear(pooled, *self._out).view(n_seq).float()
+
+    @torch.inference_mode()
+    def submit(
+        self,
+        ids_flat: np.ndarray,
+        offsets: np.ndarray,
+        type_ids_flat: np.ndarray | None = None,
+    ) -> PendingScores:
+        """Queue one micro-batch; returns at once on CUDA. Raises on bad input, and
+        ``torch.cuda.OutOfMemoryError`` here (not in ``result``) when memory runs out."""
+        host, n_tok, n_seq, max_len, has_types = self._stage(ids_flat, offsets, type_ids_flat)
+        dev = host.to(self.device, non_blocking=True)
+        logits = self._forward(dev, n_tok, n_seq, max_len, has_types)
+        if not self._pin:
+            return PendingScores(logits.cpu(), None)
+        out = torch.empty(n_seq, dtype=torch.float32, pin_memory=True)
+        out.copy_(logits, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingScores(out, done)
+
+    def score(
+        self,
+        ids_flat: np.ndarray,
+        offsets: np.ndarray,
+        type_ids_flat: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Raw logits (float32, one per sequence) of one packed micro-batch."""
+        return self.submit(ids_flat, offsets, type_ids_flat).result()

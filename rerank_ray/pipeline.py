@@ -1,0 +1,206 @@
+"""Build and run the job: source -> tokenize -> score -> sink, as one lazy Ray Dataset."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rerank_ray import schema, sink, source, storage
+from rerank_ray.config import JobConfig
+
+log = logging.getLogger("rerank_ray")
+
+Transform = Callable[[Any], Any]
+
+
+def s3_settings(cfg: JobConfig) -> storage.S3Settings:
+    return storage.S3Settings.resolve(cfg.s3_endpoint_url, cfg.s3_region, cfg.s3_verify_tls)
+
+
+def run(config: JobConfig, transform: Transform | None = None) -> dict[str, Any]:
+    """Run a rerank job and return its manifest (also written as ``<output>/_SUCCESS``).
+
+    ``transform``, if given, maps the scored Dataset (rejected rows included, marked by a
+    non-null ``reject_reason``) before it is written; job modes use it to rank or label.
+    Everything that can be checked before scoring is checked first, so bad input, bad
+    credentials or an unwritable output fail in seconds, not after the model has loaded.
+    """
+    import ray
+
+    t0 = time.time()
+    cfg = config.with_defaults_resolved()
+    s3 = s3_settings(cfg)
+    plan = source.plan_source(cfg, s3)
+    sink.check_output_writable(cfg.output, s3, cfg.run_id)
+    model_dir = storage.resolve_model(
+        cfg.model,
+        s3=s3,
+        revision=cfg.revision,
+        cache_dir=cfg.model_cache_dir,
+        allow_pickle_weights=cfg.allow_pickle_weights,
+    )
+    fingerprint = storage.weights_fingerprint(model_dir)
+    log.info(
+        "rerank run %s: %d rows in %d %s file(s) from %s -> %s",
+        cfg.run_id,
+        plan.num_rows,
+        len(plan.paths),
+        plan.format,
+        cfg.input,
+        cfg.output,
+    )
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    ds = build_dataset(cfg, plan, s3)
+    if transform is not None:
+        ds = transform(ds)
+    manifest_extra = {
+        "model": cfg.model,
+        "weights_sha256": fingerprint,
+        "input": cfg.input,
+        "output": cfg.output,
+        "input_files": len(plan.paths),
+        "config": _public_config(cfg),
+        "ray_version": ray.__version__,
+    }
+    out = sink.RerankSink(
+        output_uri=cfg.output,
+        s3=s3,
+        run_id=cfg.run_id,
+        run_date=cfg.effective_run_date,
+        partition_by=cfg.partition_by,
+        expected_rows=plan.num_rows,
+        manifest_extra=manifest_extra,
+    )
+    out.started = t0
+    ds.write_datasink(out)
+    manifest = out.manifest
+    if manifest is None:
+        raise RuntimeError("The write finished without committing a manifest.")
+    print(summary_line(manifest), flush=True)
+    return manifest
+
+
+def build_dataset(cfg: JobConfig, plan: source.SourcePlan, s3: storage.S3Settings):
+    """The lazy Dataset graph: read -> tokenize (CPU actors) -> score (GPU/CPU actors)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if cfg.device == "cuda" and gpus == 0:
+        raise RuntimeError(
+            "--device cuda was asked for but the Ray cluster has no GPUs; add GPU nodes or "
+            "use --device cpu."
+        )
+    if cfg.min_actors is not None:
+        pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors)
+    else:
+        size = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
+        pool = ActorPoolStrategy(size=size)
+    model_ref = cfg.model  # each node resolves it itself (s3:// is downloaded once per node)
+    keep = set(cfg.keep_columns) if cfg.keep_columns is not None else None
+    drop = tuple(
+        canon
+        for original, canon in cfg.column_map.items()
+        if canon in schema.TEXT_COLUMNS and keep is not None and original not in keep
+    )
+    extra_drop = [
+        cfg.column_map.get(c, c)
+        for c in plan.schema.names
+        if keep is not None and c not in keep and c not in cfg.column_map
+    ]
+    ds = source.read_dataset(plan, cfg)
+    if extra_drop:
+        ds = ds.drop_columns(extra_drop)
+    ds = ds.map_batches(
+        _ResolvedTokenize,
+        fn_constructor_kwargs={
+            "model": model_ref,
+            "s3": s3,
+            "cfg": cfg,
+            "drop_columns": drop,
+        },
+        batch_size=cfg.batch_rows,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=cfg.tokenize_actors),
+        num_cpus=1,
+        udf_modifying_row_count=False,
+    )
+    ds = ds.map_batches(
+        _ResolvedScore,
+        fn_constructor_kwargs={"model": model_ref, "s3": s3, "cfg": cfg},
+        batch_size=cfg.batch_rows,
+        batch_format="pyarrow",
+        compute=pool,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+        udf_modifying_row_count=False,
+    )
+    return ds
+
+
+class _ResolvedTokenize:
+    """TokenizeStage with the model resolved on the node it runs on."""
+
+    def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig, drop_columns):
+        from rerank_ray.tokenize import TokenizeStage
+
+        local = _resolve_on_node(model, s3, cfg)
+        self.stage = TokenizeStage(
+            str(local),
+            max_length=cfg.max_length,
+            query_max_length=cfg.effective_query_max_length,
+            drop_columns=drop_columns,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+
+    def __call__(self, batch):
+        return self.stage(batch)
+
+
+class _ResolvedScore:
+    """ScoreStage with the model resolved on the node it runs on."""
+
+    def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig):
+        from rerank_ray.scorer import ScoreStage
+
+        local = _resolve_on_node(model, s3, cfg)
+        self.stage = ScoreStage(
+            str(local),
+            device=cfg.device,
+            dtype=cfg.dtype,
+            token_budget=cfg.token_budget,
+            allow_pickle_weights=cfg.allow_pickle_weights,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+
+    def __call__(self, batch):
+        return self.stage(batch)
+
+
+def _resolve_on_node(model: str, s3: storage.S3Settings, cfg: JobConfig):
+    return storage.resolve_model(
+        model,
+        s3=s3,
+        revision=cfg.revision,
+        cache_dir=cfg.model_cache_dir,
+        allow_pickle_weights=cfg.allow_pickle_weights,
+    )
+
+
+def _public_config(cfg: JobConfig) -> dict[str, Any]:
+    """The config as written to the manifest. It holds no secrets: credentials never enter it."""
+    return cfg.to_dict()
+
+
+def summary_line(manifest: dict[str, Any]) -> str:
+    """One line for the end of a run."""
+    return (
+        f"rerank-ray run {manifest['run_id']} committed: {manifest['rows_read']} rows read, "
+        f"{manifest['rows_scored']} scored, {manifest['rows_rejected']} rejected "
+        f"({manifest['rows_truncated']} truncated), {manifest['pairs_per_s']} pairs/s "
+        f"end to end, {manifest['wall_time_s']} s -> {manifest['output']}"
+    )

@@ -1,0 +1,96 @@
+"""GPU/CPU stage: token ids -> relevance scores, one model replica per actor.
+
+Within each block, rows are sorted by length, cut into micro-batches by token budget, scored,
+and put back in input order. Rejected rows pass through with null scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rerank_ray import packing, schema
+
+CPU_TOKEN_BUDGET = 8192
+GPU_TOKEN_BUDGET = 32768
+
+
+class ScoreStage:
+    """Ray Data stage (callable class): rows with ``input_ids`` -> rows with scores.
+
+    Loads the model once in ``__init__``; ``__call__`` does no I/O. Drops the token columns
+    and adds ``score`` (float32 raw logit, as ``FlagReranker.compute_score``) and
+    ``score_norm`` (its sigmoid).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        token_budget: int | None = None,
+        allow_pickle_weights: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from rerank_ray.model import PaddedRunner, load_cross_encoder, pick_device, pick_dtype
+
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        model = load_cross_encoder(
+            model_dir,
+            device=self.device,
+            dtype=self.dtype,
+            allow_pickle_weights=allow_pickle_weights,
+            trust_remote_code=trust_remote_code,
+        )
+        self.runner = PaddedRunner(model, self.device)
+        default = GPU_TOKEN_BUDGET if self.device.type == "cuda" else CPU_TOKEN_BUDGET
+        self.token_budget = token_budget or default
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ok = np.flatnonzero(pc.is_null(batch[schema.REJECT_REASON]).to_numpy(zero_copy_only=False))
+        scores = np.full(n, np.nan, dtype=np.float32)
+        if len(ok):
+            scores[ok] = self.score_rows(batch, ok)
+        valid = np.zeros(n, dtype=bool)
+        valid[ok] = True
+        norm = 1.0 / (1.0 + np.exp(-scores.astype(np.float64)))
+        out = batch.drop_columns([c for c in schema.TOKEN_COLUMNS if c in batch.column_names])
+        out = out.append_column(schema.SCORE, pa.array(scores, pa.float32(), mask=~valid))
+        out = out.append_column(
+            schema.SCORE_NORM, pa.array(norm.astype(np.float32), pa.float32(), mask=~valid)
+        )
+        if out.num_rows != n:
+            raise RuntimeError(f"Score stage produced {out.num_rows} rows for {n} input rows.")
+        return out
+
+    def score_rows(self, batch: pa.Table, rows: np.ndarray) -> np.ndarray:
+        """Scores of ``rows`` (indices into ``batch``), in the order given."""
+        lengths = batch[schema.NUM_TOKENS].to_numpy()[rows]
+        order = packing.length_order(lengths)
+        sorted_rows = rows[order]
+        ids = _combine(batch[schema.INPUT_IDS])
+        types = (
+            _combine(batch[schema.TOKEN_TYPE_IDS])
+            if schema.TOKEN_TYPE_IDS in batch.column_names
+            else None
+        )
+        sorted_scores = np.empty(len(rows), dtype=np.float32)
+        spans = packing.token_budget_spans(
+            lengths[order], self.token_budget, padded=self.runner.padded
+        )
+        for start, end in spans:
+            take = pa.array(sorted_rows[start:end])
+            part = ids.take(take)
+            flat = part.flatten().to_numpy()
+            offsets = part.offsets.to_numpy().astype(np.int64)
+            offsets -= offsets[0]
+            type_flat = types.take(take).flatten().to_numpy() if types is not None else None
+            sorted_scores[start:end] = self.runner.score(flat, offsets, type_flat)
+        return sorted_scores[packing.inverse_order(order)]
+
+
+def _combine(column: pa.ChunkedArray) -> pa.ListArray:
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)

@@ -1,0 +1,200 @@
+"""Read candidate-pair shards (Parquet or JSONL) into a Ray Dataset, checked up front.
+
+Before anything is scored, every shard's schema is read (Parquet footers; JSONL is parsed)
+so a missing column, a corrupt file or an unreachable bucket fails the run at once with a
+message naming the object. The footers also give the exact input row count that the sink
+checks the output against.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from rerank_ray import schema, storage
+from rerank_ray.config import JobConfig
+
+PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")
+
+
+class InputError(ValueError):
+    """The input cannot be read as candidate pairs; the message names the object and the fix."""
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What the read will do: which files, in which format, how many rows, which columns."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    paths: tuple[str, ...]
+    format: str
+    num_rows: int
+    schema: pa.Schema  # input columns as read, before renaming
+
+    def display(self, path: str) -> str:
+        """A path as the user wrote it (s3://bucket/key or a local path)."""
+        return f"s3://{path}" if storage.is_s3(self.uri) else path
+
+
+def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
+    """List the input shards and check each one's columns; raise ``InputError`` if unusable."""
+    fs, base = storage.resolve(cfg.input, s3)
+    paths = _list_files(cfg.input, fs, base)
+    fmt = _format_of(cfg, paths)
+    required = list(cfg.column_map)
+    readers = {"parquet": _parquet_schema, "jsonl": _jsonl_schema}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        infos = list(pool.map(lambda p: readers[fmt](fs, p, cfg.input), paths))
+    first_schema = None
+    total = 0
+    for path, (file_schema, rows) in zip(paths, infos, strict=True):
+        shown = f"s3://{path}" if storage.is_s3(cfg.input) else path
+        missing = [c for c in required if c not in file_schema.names]
+        if missing:
+            raise InputError(
+                f"Input file {shown} has no column {missing[0]!r} (columns: "
+                f"{', '.join(file_schema.names)}). Map your column names with "
+                f"--{_flag_for(cfg, missing[0])} NAME."
+            )
+        if first_schema is None:
+            first_schema = file_schema
+        total += rows
+    partition_cols = [c for c in cfg.partition_by if c != schema.RUN_DATE]
+    canonical = [cfg.column_map.get(n, n) for n in first_schema.names]
+    for col in partition_cols:
+        if col not in canonical:
+            raise InputError(
+                f"Partition column {col!r} (from --partition-by) is not an input column; "
+                f"input columns are {', '.join(canonical)}. Use run_date or one of those."
+            )
+    if cfg.keep_columns is not None:
+        for col in cfg.keep_columns:
+            if col not in first_schema.names:
+                raise InputError(
+                    f"Column {col!r} in --keep-columns is not in the input (columns: "
+                    f"{', '.join(first_schema.names)})."
+                )
+    return SourcePlan(
+        uri=cfg.input,
+        filesystem=fs,
+        paths=tuple(paths),
+        format=fmt,
+        num_rows=total,
+        schema=first_schema,
+    )
+
+
+def read_dataset(plan: SourcePlan, cfg: JobConfig):
+    """The lazy Ray Dataset of the input, with canonical column names."""
+    import ray.data
+
+    columns = list(plan.schema.names)
+    if plan.format == "parquet":
+        ds = ray.data.read_parquet(
+            list(plan.paths), filesystem=plan.filesystem, columns=columns, file_extensions=None
+        )
+    else:
+        ds = ray.data.read_json(
+            list(plan.paths), filesystem=plan.filesystem, lines=True, file_extensions=None
+        )
+    renames = {k: v for k, v in cfg.column_map.items() if k != v}
+    if renames:
+        ds = ds.rename_columns(renames)
+    return ds
+
+
+def _flag_for(cfg: JobConfig, column: str) -> str:
+    for key in ("query_id_column", "query_column", "doc_id_column", "doc_column"):
+        if getattr(cfg, key) == column:
+            return key.replace("_", "-")
+    return "keep-columns"
+
+
+def _list_files(uri: str, fs: pafs.FileSystem, base: str) -> list[str]:
+    """Files under a directory/prefix, a single file, or a glob; hidden/_ files skipped."""
+    try:
+        if any(ch in base for ch in "*?["):
+            root = base[: min(base.index(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0]
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = [i.path for i in infos if i.is_file and fnmatch.fnmatch(i.path, base)]
+        else:
+            info = fs.get_file_info(base)
+            if info.type == pafs.FileType.File:
+                files = [base]
+            elif info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                files = [i.path for i in infos if i.is_file]
+            else:
+                files = []
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"Cannot list input {uri}: {storage.describe_error(err)}.") from err
+    files = sorted(f for f in files if not _hidden(f, base))
+    if not files:
+        raise InputError(
+            f"No input files found at {uri}: check the path (a directory, s3:// prefix, file or "
+            "glob such as s3://bucket/pairs/*.parquet), the bucket name and the endpoint."
+        )
+    return files
+
+
+def _hidden(path: str, base: str) -> bool:
+    rel = path[len(base) :] if path.startswith(base) else os.path.basename(path)
+    return any(part.startswith(("_", ".")) for part in rel.split("/") if part)
+
+
+def _format_of(cfg: JobConfig, paths: list[str]) -> str:
+    if cfg.input_format != "auto":
+        return cfg.input_format
+    kinds = set()
+    for p in paths:
+        low = p.lower()
+        if low.endswith(JSONL_SUFFIXES):
+            kinds.add("jsonl")
+        elif low.endswith(PARQUET_SUFFIXES):
+            kinds.add("parquet")
+        else:
+            raise InputError(
+                f"Cannot tell the format of input file {p!r} from its name: pass "
+                "--input-format parquet or --input-format jsonl."
+            )
+    if len(kinds) > 1:
+        raise InputError(
+            f"Input {cfg.input} mixes Parquet and JSONL files; point --input at one format."
+        )
+    return kinds.pop()
+
+
+def _parquet_schema(fs: pafs.FileSystem, path: str, uri: str) -> tuple[pa.Schema, int]:
+    shown = f"s3://{path}" if storage.is_s3(uri) else path
+    try:
+        with fs.open_input_file(path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+            return meta.schema.to_arrow_schema(), meta.num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(
+            f"Input file {shown} is not a readable Parquet file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Replace or remove it, or pass "
+            "--input-format jsonl if it is JSON lines."
+        ) from err
+
+
+def _jsonl_schema(fs: pafs.FileSystem, path: str, uri: str) -> tuple[pa.Schema, int]:
+    shown = f"s3://{path}" if storage.is_s3(uri) else path
+    try:
+        with fs.open_input_stream(path, compression="detect") as fh:
+            table = pajson.read_json(fh)
+        return table.schema, table.num_rows
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(
+            f"Input file {shown} is not readable JSON lines ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Each line must be one JSON object."
+        ) from err

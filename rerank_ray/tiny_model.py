@@ -1,0 +1,132 @@
+"""Build small, real, random-weight cross-encoders offline, for the demo and the tests.
+
+The models are genuine ``transformers`` sequence-classification models (XLM-RoBERTa, the
+bge-reranker-v2-m3 architecture, or BERT) with a tokenizer trained by ``tokenizers`` on the
+given texts, saved as a Hugging Face directory with safetensors weights. Their scores are
+meaningless; the code path is the one real models take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+SAMPLE_TEXTS = [
+    "what is the capital of france",
+    "paris is the capital and most populous city of france",
+    "how do solar panels produce electricity",
+    "photovoltaic cells convert sunlight directly into electric current",
+    "best way to learn a new programming language",
+    "practice small projects every day and read other people's code",
+    "the quick brown fox jumps over the lazy dog",
+    "rerankers score each query and document pair with a cross encoder",
+    "la capitale de la france est paris",
+    "die hauptstadt von deutschland ist berlin",
+]
+
+
+def build_tiny_reranker(
+    out_dir: str | Path,
+    kind: str = "xlm-roberta",
+    texts: Iterable[str] = SAMPLE_TEXTS,
+    seed: int = 0,
+    max_position_embeddings: int = 520,
+) -> Path:
+    """Save a 2-layer cross-encoder and its tokenizer under ``out_dir``; return the path."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = list(texts)
+    if kind == "xlm-roberta":
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        tok = Tokenizer(models.WordPiece(unk_token="<unk>", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator(
+            texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+        )
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>",
+            pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", 0), ("</s>", 2)],
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<s>",
+            eos_token="</s>",
+            sep_token="</s>",
+            cls_token="<s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            mask_token="<mask>",
+            model_input_names=["input_ids", "attention_mask"],
+        )
+        config = XLMRobertaConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max_position_embeddings,
+            type_vocab_size=1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            layer_norm_eps=1e-5,
+            num_labels=1,
+        )
+        model_cls = XLMRobertaForSequenceClassification
+    elif kind == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.train_from_iterator(
+            texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+        )
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            mask_token="[MASK]",
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        )
+        config = BertConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=max_position_embeddings,
+            type_vocab_size=2,
+            pad_token_id=0,
+            num_labels=1,
+        )
+        model_cls = BertForSequenceClassification
+    else:
+        raise ValueError(f"kind is {kind!r}; choose 'xlm-roberta' or 'bert'.")
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # Random init gives near-constant logits; widen the head so scores spread out.
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.mul_(20.0)
+    model.save_pretrained(out, safe_serialization=True)
+    fast.save_pretrained(out)
+    return out

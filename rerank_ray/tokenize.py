@@ -1,0 +1,216 @@
+"""CPU stage: (query, doc) rows -> token ids, the way FlagEmbedding's FlagReranker builds them.
+
+FlagReranker tokenizes the query truncated to ``query_max_length`` and the document
+truncated to ``max_length`` (both without special tokens), then joins them with the
+model's special tokens, truncating only the document so the pair fits ``max_length``.
+This stage does the same with the fast (Rust) tokenizer in batch, and builds the pair from a
+template of the model's special tokens instead of a per-row Python ``prepare_for_model``.
+
+Rows that cannot be scored are not dropped: they keep flowing with a ``reject_reason``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rerank_ray import schema
+from rerank_ray.schema import RejectReason
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """Where a model's special tokens go around a (query, doc) pair.
+
+    ``ids = prefix + query + middle + doc + suffix``; the type id of each part likewise.
+    """
+
+    prefix: tuple[int, ...]
+    middle: tuple[int, ...]
+    suffix: tuple[int, ...]
+    prefix_types: tuple[int, ...]
+    middle_types: tuple[int, ...]
+    suffix_types: tuple[int, ...]
+    query_type: int
+    doc_type: int
+
+    @property
+    def num_special(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> PairTemplate:
+        """Read the template off the tokenizer itself.
+
+        A known pair is encoded with and without special tokens; whatever surrounds the two
+        texts' ids in the full encoding is the model's special tokens.
+        """
+        q_text, d_text = "query text", "document words"
+        q = tokenizer(q_text, add_special_tokens=False)["input_ids"]
+        d = tokenizer(d_text, add_special_tokens=False)["input_ids"]
+        full = tokenizer(q_text, d_text, return_token_type_ids=True)
+        ids = list(full["input_ids"])
+        types = list(full.get("token_type_ids") or [0] * len(ids))
+        iq = _find(ids, q, 0)
+        id_ = _find(ids, d, iq + len(q))
+        if iq < 0 or id_ < 0:
+            raise ValueError(
+                f"Cannot find the pair layout of tokenizer {type(tokenizer).__name__}: "
+                "its special tokens are not a fixed template around the two texts."
+            )
+        return cls(
+            prefix=tuple(ids[:iq]),
+            middle=tuple(ids[iq + len(q) : id_]),
+            suffix=tuple(ids[id_ + len(d) :]),
+            prefix_types=tuple(types[:iq]),
+            middle_types=tuple(types[iq + len(q) : id_]),
+            suffix_types=tuple(types[id_ + len(d) :]),
+            query_type=types[iq],
+            doc_type=types[id_],
+        )
+
+
+def _find(haystack: list[int], needle: list[int], start: int) -> int:
+    for i in range(start, len(haystack) - len(needle) + 1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def classify_rows(table: pa.Table) -> list[str | None]:
+    """Reject reason per row (``None`` = scorable), in the order ids, query, doc."""
+    n = table.num_rows
+    reasons: list[str | None] = [None] * n
+    null_id = pc.or_(pc.is_null(table[schema.QUERY_ID]), pc.is_null(table[schema.DOC_ID]))
+    checks = [(schema.QUERY, "query"), (schema.DOC, "doc")]
+    for i, bad in enumerate(null_id.to_pylist()):
+        if bad:
+            reasons[i] = RejectReason.NULL_ID
+    for column, kind in checks:
+        values = table[column].to_pylist()
+        for i, value in enumerate(values):
+            if reasons[i] is not None:
+                continue
+            if value is None:
+                reasons[i] = getattr(RejectReason, f"NULL_{kind.upper()}")
+            elif not isinstance(value, str):
+                reasons[i] = getattr(RejectReason, f"NOT_STRING_{kind.upper()}")
+            elif not value.strip():
+                reasons[i] = getattr(RejectReason, f"EMPTY_{kind.upper()}")
+    return reasons
+
+
+def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """Arrow list array from flat values and per-row lengths (no per-element Python work)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+class TokenizeStage:
+    """Ray Data stage (callable class): canonical pair rows -> rows with token ids.
+
+    Adds ``input_ids`` (list<int32>), ``token_type_ids`` (list<int8>, only for models that
+    use them), ``num_tokens``, ``truncated`` and ``reject_reason``; drops the text columns
+    listed in ``drop_columns`` once they are tokenized. One output row per input row.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        max_length: int,
+        query_max_length: int,
+        drop_columns: tuple[str, ...] = (),
+        trust_remote_code: bool = False,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, trust_remote_code=trust_remote_code
+        )
+        self.template = PairTemplate.from_tokenizer(self.tokenizer)
+        self.max_length = max_length
+        self.query_max_length = query_max_length
+        self.drop_columns = tuple(drop_columns)
+        self.with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        reasons = classify_rows(batch)
+        ok = [i for i, r in enumerate(reasons) if r is None]
+        ids, types, lengths, truncated = self.encode(
+            [batch[schema.QUERY][i].as_py() for i in ok] if ok else [],
+            [batch[schema.DOC][i].as_py() for i in ok] if ok else [],
+        )
+        n = batch.num_rows
+        all_lengths = np.zeros(n, dtype=np.int32)
+        all_lengths[ok] = lengths
+        all_truncated = np.zeros(n, dtype=bool)
+        all_truncated[ok] = truncated
+        # Rejected rows carry empty token lists, so the flat arrays are the scorable rows'.
+        out = batch.drop_columns([c for c in self.drop_columns if c in batch.column_names])
+        out = out.append_column(schema.INPUT_IDS, _list_array(ids, all_lengths, pa.int32()))
+        if self.with_token_type_ids:
+            out = out.append_column(
+                schema.TOKEN_TYPE_IDS, _list_array(types, all_lengths, pa.int8())
+            )
+        out = out.append_column(schema.NUM_TOKENS, pa.array(all_lengths, pa.int32()))
+        out = out.append_column(schema.TRUNCATED, pa.array(all_truncated, pa.bool_()))
+        out = out.append_column(schema.REJECT_REASON, pa.array(reasons, pa.string()))
+        if out.num_rows != n:
+            raise RuntimeError(f"Tokenize stage produced {out.num_rows} rows for {n} input rows.")
+        return out
+
+    def encode(
+        self, queries: list[str], docs: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Tokenize pairs as FlagReranker does.
+
+        Returns flat ids (int32), flat type ids (int8), per-pair lengths and truncated flags.
+        """
+        t = self.template
+        qmax, max_length = self.query_max_length, self.max_length
+        if not queries:
+            empty = np.zeros(0, dtype=np.int32)
+            return empty, empty.astype(np.int8), empty, np.zeros(0, dtype=bool)
+        # One token past each limit tells whether the text was cut, at no extra cost.
+        q_ids = self.tokenizer(
+            queries, add_special_tokens=False, truncation=True, max_length=qmax + 1
+        )["input_ids"]
+        d_ids = self.tokenizer(
+            docs, add_special_tokens=False, truncation=True, max_length=max_length + 1
+        )["input_ids"]
+        flat: list[int] = []
+        flat_types: list[int] = []
+        lengths = np.empty(len(queries), dtype=np.int32)
+        truncated = np.zeros(len(queries), dtype=bool)
+        prefix, middle, suffix = list(t.prefix), list(t.middle), list(t.suffix)
+        for i, (q, d) in enumerate(zip(q_ids, d_ids, strict=True)):
+            if len(q) > qmax:
+                q = q[:qmax]
+                truncated[i] = True
+            room = max(max_length - len(q) - t.num_special, 0)
+            if len(d) > room:
+                d = d[:room]
+                truncated[i] = True
+            flat += prefix
+            flat += q
+            flat += middle
+            flat += d
+            flat += suffix
+            lengths[i] = t.num_special + len(q) + len(d)
+            if self.with_token_type_ids:
+                flat_types += t.prefix_types
+                flat_types += [t.query_type] * len(q)
+                flat_types += t.middle_types
+                flat_types += [t.doc_type] * len(d)
+                flat_types += t.suffix_types
+        ids = np.asarray(flat, dtype=np.int32)
+        types = (
+            np.asarray(flat_types, dtype=np.int8)
+            if self.with_token_type_ids
+            else np.zeros(0, dtype=np.int8)
+        )
+        return ids, types, lengths, truncated

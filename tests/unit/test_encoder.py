@@ -1,0 +1,145 @@
+"""The padding-free encoder equals Hugging Face's padded forward (fp32, CPU, tiny models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+)
+
+from rerank_ray.encoder import PackedEncoder
+
+VOCAB = 97
+
+
+def _xlmr() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        num_labels=1,
+    )
+    return XLMRobertaForSequenceClassification(cfg).eval()
+
+
+def _bert() -> torch.nn.Module:
+    torch.manual_seed(1)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+        num_labels=1,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def xlmr() -> torch.nn.Module:
+    return _xlmr()
+
+
+@pytest.fixture(scope="module")
+def bert() -> torch.nn.Module:
+    return _bert()
+
+
+def _batch(lengths, seed=0, with_types=False, pad_id=1):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(3, VOCAB, size=n).astype(np.int32) for n in lengths]
+    for s in seqs:
+        s[0] = 0  # <s> / [CLS]-like first token
+    types = None
+    if with_types:
+        types = [(np.arange(len(s)) >= len(s) // 2).astype(np.int8) for s in seqs]
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    return seqs, types, offsets
+
+
+def _hf_padded(model, seqs, types, pad_id):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    tt = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
+        mask[i, : len(s)] = 1
+        if types is not None:
+            tt[i, : len(s)] = torch.from_numpy(types[i].astype(np.int64))
+    kwargs = {"token_type_ids": tt} if types is not None else {}
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask, **kwargs).logits.view(-1).numpy()
+
+
+LENGTHS = [1, 2, 5, 17, 33, 64, 7, 40]
+
+
+def test_xlmr_matches_hf_padded_forward(xlmr):
+    seqs, _, offsets = _batch(LENGTHS)
+    got = PackedEncoder(xlmr).score(np.concatenate(seqs), offsets, None)
+    want = _hf_padded(xlmr, seqs, None, pad_id=1)
+    assert got.dtype == np.float32 and got.shape == (len(LENGTHS),)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_xlmr_pad_token_inside_a_sequence_uses_hf_positions(xlmr):
+    seqs, _, offsets = _batch([9, 12, 4], seed=3)
+    seqs[1][5] = 1  # a pad id mid-sequence: HF gives it position padding_idx and skips it
+    got = PackedEncoder(xlmr).score(np.concatenate(seqs), offsets, None)
+    np.testing.assert_allclose(got, _hf_padded(xlmr, seqs, None, pad_id=1), atol=1e-4, rtol=0)
+
+
+def test_bert_with_token_types_matches_hf_padded_forward(bert):
+    seqs, types, offsets = _batch(LENGTHS, seed=2, with_types=True)
+    got = PackedEncoder(bert).score(np.concatenate(seqs), offsets, np.concatenate(types))
+    want = _hf_padded(bert, seqs, types, pad_id=0)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_bert_without_token_types_defaults_to_zero(bert):
+    seqs, _, offsets = _batch([3, 30, 11], seed=4)
+    got = PackedEncoder(bert).score(np.concatenate(seqs), offsets, None)
+    np.testing.assert_allclose(got, _hf_padded(bert, seqs, None, pad_id=0), atol=1e-4, rtol=0)
+
+
+def test_score_does_not_depend_on_batch_company(xlmr):
+    seqs, _, offsets = _batch(LENGTHS, seed=5)
+    enc = PackedEncoder(xlmr)
+    together = enc.score(np.concatenate(seqs), offsets, None)
+    alone = [enc.score(s, np.array([0, len(s)]), None)[0] for s in seqs]
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+
+
+def test_rejects_bad_offsets_and_too_long_sequences(xlmr):
+    enc = PackedEncoder(xlmr)
+    with pytest.raises(ValueError, match="offsets end at"):
+        enc.score(np.zeros(5, np.int32), np.array([0, 3]), None)
+    with pytest.raises(ValueError, match="at least one token"):
+        enc.score(np.zeros(3, np.int32), np.array([0, 3, 3]), None)
+    with pytest.raises(ValueError, match="at most 64"):
+        enc.score(np.full(65, 5, np.int32), np.array([0, 65]), None)
+
+
+def test_rejects_unsupported_attention_and_varlen_on_cpu(xlmr):
+    with pytest.raises(ValueError, match="attention must be one of"):
+        PackedEncoder(xlmr, attention="flash")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        PackedEncoder(xlmr, attention="varlen")
