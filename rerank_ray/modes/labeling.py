@@ -178,7 +178,8 @@ def _as_bool(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_boolean(column.type):
         return column
     if pa.types.is_integer(column.type):
-        bad = pc.fill_null(pc.invert(pc.is_in(column, pa.array([0, 1], column.type))), False)
+        outside = pc.invert(pc.is_in(column, pa.array([0, 1], column.type)))
+        bad = pc.and_(pc.is_valid(column), outside)
         if pc.any(bad).as_py():
             raise ValueError(f"`{IS_POSITIVE}` holds integers other than 0/1; use booleans.")
         return pc.cast(column, pa.bool_())
