@@ -202,6 +202,12 @@ class JobConfig:
                     f"Unknown key `{key}` in {source}.{hint} Valid keys: {', '.join(valid)}."
                 )
             normalized[name] = _coerce(name, value, source)
+        for f in fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in normalized:
+                raise ConfigError(
+                    f"`{f.name}` is required: pass --{f.name} URI or set `{f.name}:` in {source}."
+                )
         try:
             return cls(**normalized)
         except TypeError as err:

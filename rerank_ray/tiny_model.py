@@ -125,8 +125,9 @@ def build_tiny_reranker(
     model = model_cls(config).eval()
     # Random init gives near-constant logits; widen the head so scores spread out.
     with torch.no_grad():
-        for p in model.classifier.parameters():
-            p.mul_(20.0)
+        for name, p in model.named_parameters():
+            if name.startswith(("classifier", "bert.pooler")):
+                p.mul_(20.0)
     model.save_pretrained(out, safe_serialization=True)
     fast.save_pretrained(out)
     return out

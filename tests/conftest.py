@@ -1,0 +1,150 @@
+"""Shared fixtures: tiny real models, a real S3 server (moto_server), a local Ray instance.
+
+Fixtures that start servers are session-scoped; each test gets its own bucket or directory.
+The S3 credentials below are fake but distinctive, so tests can grep logs for the secret.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from rerank_ray.tiny_model import SAMPLE_TEXTS, build_tiny_reranker
+
+S3_ACCESS_KEY = "AKIARERANKRAYTEST0001"
+S3_SECRET_KEY = "rr-secret-9f8e7d6c5b4a39281716-DO-NOT-LOG"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer XLM-RoBERTa cross-encoder (bge-reranker-v2-m3's architecture), safetensors."""
+    return build_tiny_reranker(tmp_path_factory.mktemp("models") / "tiny-xlmr")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT cross-encoder (uses token_type_ids)."""
+    return build_tiny_reranker(tmp_path_factory.mktemp("models") / "tiny-bert", kind="bert")
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    """A private copy of the tiny model that a test may modify."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def make_pairs(n: int, seed: int = 0, queries: int | None = None) -> pa.Table:
+    """``n`` synthetic pairs with unique (query_id, doc_id) and varied lengths."""
+    import random
+
+    rng = random.Random(seed)
+    nq = queries or max(1, n // 10)
+    rows = {"query_id": [], "query": [], "doc_id": [], "doc": [], "retrieval_rank": []}
+    for i in range(n):
+        q = i % nq
+        rows["query_id"].append(f"q{q}")
+        rows["query"].append(SAMPLE_TEXTS[q % len(SAMPLE_TEXTS)])
+        rows["doc_id"].append(f"d{i}")
+        rows["doc"].append(" ".join(rng.choice(SAMPLE_TEXTS) for _ in range(rng.randint(1, 8))))
+        rows["retrieval_rank"].append(i // nq + 1)
+    return pa.table(rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto_server) on 127.0.0.1; AWS env points at it."""
+    port = _free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    env = {
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh, empty bucket on the S3 test server."""
+    import boto3
+
+    name = f"rr-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server, tmp_path_factory):
+    """A real local Ray instance, started after the S3 env so workers inherit it."""
+    import ray
+
+    os.environ["RERANK_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def upload_table(bucket: str, key: str, table: pa.Table) -> str:
+    """Write ``table`` as Parquet to s3://bucket/key through boto3; return the URI."""
+    import io
+
+    import boto3
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=buf.getvalue())
+    return f"s3://{bucket}/{key}"
+
+
+def upload_dir(bucket: str, prefix: str, local: Path) -> str:
+    import boto3
+
+    client = boto3.client("s3")
+    for path in Path(local).iterdir():
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+    return f"s3://{bucket}/{prefix}/"

@@ -1,0 +1,78 @@
+"""The score stage equals HF AutoModelForSequenceClassification and FlagReranker (fp32, CPU)."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rerank_ray import schema
+from rerank_ray.scorer import ScoreStage
+from rerank_ray.tiny_model import SAMPLE_TEXTS
+from rerank_ray.tokenize import TokenizeStage
+
+
+def sample_pairs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n):
+        q = SAMPLE_TEXTS[rng.integers(len(SAMPLE_TEXTS))]
+        d = " ".join(
+            SAMPLE_TEXTS[i] for i in rng.integers(0, len(SAMPLE_TEXTS), rng.integers(1, 6))
+        )
+        pairs.append((q, d))
+    return pairs
+
+
+def run_stages(model_dir, pairs, token_budget=None, max_length=512):
+    batch = pa.table(
+        {
+            "query_id": [f"q{i}" for i in range(len(pairs))],
+            "query": [q for q, _ in pairs],
+            "doc_id": [f"d{i}" for i in range(len(pairs))],
+            "doc": [d for _, d in pairs],
+        }
+    )
+    tokens = TokenizeStage(str(model_dir), max_length, max_length * 3 // 4)(batch)
+    return ScoreStage(str(model_dir), device="cpu", token_budget=token_budget)(tokens)
+
+
+def hf_logits(model_dir, pairs):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    inputs = tok([q for q, _ in pairs], [d for _, d in pairs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model(**inputs).logits.view(-1).float().numpy()
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+@pytest.mark.parametrize("token_budget", [None, 512])
+def test_scores_equal_hf_logits_in_input_order(kind, token_budget, request):
+    model_dir = request.getfixturevalue(kind)
+    pairs = sample_pairs(40)
+    out = run_stages(model_dir, pairs, token_budget=token_budget)
+    ref = hf_logits(model_dir, pairs)
+    got = out[schema.SCORE].to_numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    assert np.std(ref) > 1e-3  # the comparison is between distinct scores, not constants
+    np.testing.assert_allclose(out[schema.SCORE_NORM].to_numpy(), 1 / (1 + np.exp(-ref)), atol=1e-5)
+    assert out[schema.SCORE].type == pa.float32()
+    assert not {schema.INPUT_IDS, schema.NUM_TOKENS} & set(out.column_names)
+
+
+def test_scores_equal_flagreranker(tiny_model_dir):
+    flag = pytest.importorskip("FlagEmbedding")
+    pairs = sample_pairs(30, seed=3)
+    reranker = flag.FlagReranker(str(tiny_model_dir), use_fp16=False, devices=["cpu"])
+    ref = np.asarray(reranker.compute_score([list(p) for p in pairs]), dtype=np.float64)
+    got = run_stages(tiny_model_dir, pairs)[schema.SCORE].to_numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_rejected_rows_get_null_scores(tiny_model_dir):
+    pairs = sample_pairs(5)
+    pairs[2] = (pairs[2][0], "")
+    out = run_stages(tiny_model_dir, pairs)
+    scores = out[schema.SCORE].to_pylist()
+    assert scores[2] is None and all(s is not None for i, s in enumerate(scores) if i != 2)
+    assert out[schema.REJECT_REASON].to_pylist()[2] == "empty_doc"

@@ -1,0 +1,111 @@
+"""The tokenize stage builds the same ids as FlagReranker's id-level algorithm."""
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer
+
+from rerank_ray import schema
+from rerank_ray.tokenize import TokenizeStage
+
+PAIRS = [
+    ("what is the capital of france", "paris is the capital and most populous city of france"),
+    ("solar panels", "photovoltaic cells convert sunlight directly into electric current"),
+    ("la capitale", "die hauptstadt von deutschland ist berlin"),
+]
+
+
+def table(pairs, **overrides):
+    cols = {
+        "query_id": [f"q{i}" for i in range(len(pairs))],
+        "query": [q for q, _ in pairs],
+        "doc_id": [f"d{i}" for i in range(len(pairs))],
+        "doc": [d for _, d in pairs],
+    }
+    cols.update(overrides)
+    return pa.table(cols)
+
+
+def reference_ids(tok, query, doc, max_length, qmax):
+    """FlagReranker (transformers v4): query cut to qmax, doc to max_length, then the pair
+    with 'only_second' truncation. Done here with the Rust tokenizer's own truncation and
+    post-processor, independently of the stage's template code."""
+    backend = tok.backend_tokenizer
+    backend.no_truncation()
+    q = backend.encode(query, add_special_tokens=False)
+    q.truncate(qmax)
+    d = backend.encode(doc, add_special_tokens=False)
+    d.truncate(max_length)
+    backend.enable_truncation(max_length, strategy="only_second")
+    pair = backend.post_process(q, d, True)
+    backend.no_truncation()
+    return pair.ids, pair.type_ids
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+def test_untruncated_pairs_match_the_tokenizer(kind, request):
+    model_dir = request.getfixturevalue(kind)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = TokenizeStage(str(model_dir), max_length=512, query_max_length=384)(table(PAIRS))
+    expected = tok([q for q, _ in PAIRS], [d for _, d in PAIRS])
+    assert out[schema.INPUT_IDS].to_pylist() == expected["input_ids"]
+    assert out[schema.NUM_TOKENS].to_pylist() == [len(x) for x in expected["input_ids"]]
+    assert out[schema.TRUNCATED].to_pylist() == [False] * len(PAIRS)
+    if "token_type_ids" in tok.model_input_names:
+        assert out[schema.TOKEN_TYPE_IDS].to_pylist() == expected["token_type_ids"]
+    else:
+        assert schema.TOKEN_TYPE_IDS not in out.column_names
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+def test_truncation_matches_flagreranker_algorithm(kind, request):
+    model_dir = request.getfixturevalue(kind)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    long_q = " ".join(["what is the capital of france"] * 8)
+    long_d = " ".join(["paris is the capital and most populous city of france"] * 10)
+    pairs = [(long_q, "paris"), ("solar panels", long_d), (long_q, long_d), PAIRS[0]]
+    max_length, qmax = 32, 24
+    out = TokenizeStage(str(model_dir), max_length=max_length, query_max_length=qmax)(table(pairs))
+    for row, (q, d) in enumerate(pairs):
+        ids, types = reference_ids(tok, q, d, max_length, qmax)
+        assert out[schema.INPUT_IDS][row].as_py() == ids, row
+        if schema.TOKEN_TYPE_IDS in out.column_names:
+            assert out[schema.TOKEN_TYPE_IDS][row].as_py() == types, row
+    assert out[schema.TRUNCATED].to_pylist() == [True, True, True, False]
+    assert max(out[schema.NUM_TOKENS].to_pylist()) <= max_length
+
+
+def test_bad_rows_are_rejected_with_reasons_and_kept(tiny_model_dir):
+    batch = pa.table(
+        {
+            "query_id": ["a", "b", "c", "d", None, "f", "g"],
+            "query": ["ok", None, "   ", "ok", "ok", "ok", "ok"],
+            "doc_id": ["1", "2", "3", "4", "5", "6", "7"],
+            "doc": ["fine doc", "x", "x", "", "x", None, "another fine doc"],
+        }
+    )
+    out = TokenizeStage(str(tiny_model_dir), 64, 48)(batch)
+    assert out.num_rows == batch.num_rows
+    assert out[schema.REJECT_REASON].to_pylist() == [
+        None,
+        "null_query",
+        "empty_query",
+        "empty_doc",
+        "null_id",
+        "null_doc",
+        None,
+    ]
+    lengths = out[schema.NUM_TOKENS].to_pylist()
+    assert lengths[0] > 0 and lengths[6] > 0 and lengths[1:6] == [0] * 5
+    assert out["query_id"].to_pylist() == batch["query_id"].to_pylist()
+
+
+def test_non_string_text_is_rejected(tiny_model_dir):
+    batch = pa.table({"query_id": ["a"], "query": [123], "doc_id": ["1"], "doc": ["x"]})
+    out = TokenizeStage(str(tiny_model_dir), 64, 48)(batch)
+    assert out[schema.REJECT_REASON].to_pylist() == ["not_string_query"]
+
+
+def test_text_columns_can_be_dropped_after_tokenizing(tiny_model_dir):
+    out = TokenizeStage(str(tiny_model_dir), 64, 48, drop_columns=("doc",))(table(PAIRS))
+    assert "doc" not in out.column_names and "query" in out.column_names
+    assert out[schema.INPUT_IDS].type == pa.list_(pa.int32())
