@@ -164,21 +164,27 @@ def mode_config_from_dict(
 
 
 def add_mode_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--flag`` per field of ``cls`` (values stay strings; ``from_dict`` coerces)."""
+    """Add one ``--flag`` per field of ``cls``; unset flags stay absent from the namespace, so
+    they don't override values from a file (values stay strings; ``from_dict`` coerces)."""
     group = parser.add_argument_group(f"{cls.__name__} options")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        group.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"))
+        group.add_argument(
+            flag, dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help")
+        )
 
 
-def mode_config_from_args(cls: type[ModeConfig], args: argparse.Namespace) -> ModeConfig:
-    """Build a mode config from the flags ``add_mode_flags`` added (unset flags keep defaults)."""
-    given = {
-        f.name: getattr(args, f.name)
-        for f in fields(cls)
-        if getattr(args, f.name, None) is not None
-    }
-    return mode_config_from_dict(cls, given, source="flags")
+def mode_config_from_args(
+    cls: type[ModeConfig],
+    args: argparse.Namespace,
+    base: Mapping[str, Any] | None = None,
+    source: str = "flags",
+) -> ModeConfig:
+    """Build a mode config from ``base`` (e.g. a YAML mapping) overridden by the flags that
+    ``add_mode_flags`` added and the command line set."""
+    values = {str(k).replace("-", "_"): v for k, v in (base or {}).items()}
+    values.update({f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    return mode_config_from_dict(cls, values, source=source)
 
 
 def _choice(key: str, value: str, allowed: Sequence[str]) -> None:

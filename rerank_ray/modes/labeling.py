@@ -47,17 +47,26 @@ MODE_FIELDS = (*RANK_FIELDS, *LABEL_FIELDS)
 def label_queries(table: pa.Table, cfg: LabelConfig) -> pa.Table:
     """Rank and label every query; scored rows sorted by (query_id, rank), then the rejected
     rows unchanged. Appends the ranking columns, ``label`` and ``hard_negative``."""
+    check_label_columns(table.column_names, cfg)
     scored, rejected = split_rejected(table)
-    if cfg.label_source == "given" and IS_POSITIVE not in table.column_names:
+    ranked = rank_scored(scored, resolve_first_stage(table.column_names, cfg.first_stage)).ranked
+    return pa.concat_tables([label_ranked(ranked, cfg), with_null_columns(rejected, MODE_FIELDS)])
+
+
+def check_label_columns(names: list[str], cfg: LabelConfig) -> None:
+    """Raise, naming the fix, when the columns the labels need are missing."""
+    if cfg.label_source == "given" and IS_POSITIVE not in names:
         raise ValueError(
             f"label_source is 'given' but the input has no `{IS_POSITIVE}` column (columns: "
-            f"{', '.join(table.column_names)}); add it or use label_source: threshold."
+            f"{', '.join(names)}); add it or use label_source: threshold."
         )
     for name in (cfg.score_column, cfg.teacher_score):
-        if name not in table.column_names:
+        if name not in names:
             raise ValueError(f"Labeling needs the `{name}` column; the input lacks it.")
-    ranked = rank_scored(scored, resolve_first_stage(table.column_names, cfg.first_stage)).ranked
 
+
+def label_ranked(ranked: pa.Table, cfg: LabelConfig) -> pa.Table:
+    """Append ``label`` and ``hard_negative`` to ``rank_scored`` output (sorted by query, rank)."""
     value = _as_float(ranked[cfg.score_column])
     if cfg.label_source == "threshold":
         # Compare in the column's own precision, so a float32 0.7 counts as ">= 0.7".
@@ -69,11 +78,9 @@ def label_queries(table: pa.Table, cfg: LabelConfig) -> pa.Table:
         pos = pc.fill_null(given, False).to_numpy(zero_copy_only=False)
         neg = pc.fill_null(pc.invert(given), False).to_numpy(zero_copy_only=False)
     labels = np.where(pos, POS, np.where(neg, NEG, None))
-
     hard = _hard_negatives(ranked, value, pos, neg, cfg)
     ranked = ranked.append_column(LABEL_FIELDS[0], pa.array(labels, pa.string()))
-    ranked = ranked.append_column(LABEL_FIELDS[1], pa.array(hard, pa.bool_()))
-    return pa.concat_tables([ranked, with_null_columns(rejected, MODE_FIELDS)])
+    return ranked.append_column(LABEL_FIELDS[1], pa.array(hard, pa.bool_()))
 
 
 def _hard_negatives(

@@ -372,3 +372,17 @@ def test_histogram_png_is_a_readable_image(tmp_path):
     path.write_bytes(png)
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_labeling_group_emits_every_row_once_marking_duplicates():
+    from rerank_ray.modes.groups import DUPLICATE_PAIR, labeling_group
+
+    table = make_table(13).drop_columns(["reject_reason"])  # the column is optional here
+    out = labeling_group(table, CFG)
+    assert out.num_rows == table.num_rows
+    labeled = label_queries(table, CFG)
+    duplicates = out.filter(pa.compute.equal(out["reject_reason"], DUPLICATE_PAIR))
+    assert duplicates.num_rows == table.num_rows - labeled.num_rows > 0
+    assert duplicates["label"].null_count == duplicates.num_rows
+    kept = out.filter(pa.compute.is_null(out["reject_reason"])).drop_columns(["reject_reason"])
+    assert kept.to_pylist() == labeled.to_pylist()

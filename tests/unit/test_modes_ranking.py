@@ -293,3 +293,31 @@ def test_clear_errors_for_clashing_or_missing_columns():
         rank_queries(clashing)
     with pytest.raises(ValueError, match="needs the `score` column"):
         rank_queries(table_of(rows).drop_columns(["score"]))
+
+
+def test_nightly_group_emits_every_row_once_marking_what_it_leaves_out():
+    from rerank_ray.modes.config import NightlyConfig
+    from rerank_ray.modes.groups import BELOW_TOP_K, DUPLICATE_PAIR, nightly_group
+
+    rows = make_rows(12)
+    table = table_of(rows)
+    out = nightly_group(table, NightlyConfig(top_k=2))
+    assert out.num_rows == table.num_rows
+
+    frame = pd.DataFrame(rows)
+    scored = frame[frame["reject_reason"].isna()]
+    distinct = scored.drop_duplicates(["query_id", "doc_id"])
+    sizes = distinct.groupby("query_id").size()
+    reasons = out.to_pandas()["reject_reason"].value_counts(dropna=False).to_dict()
+    assert reasons[DUPLICATE_PAIR] == len(scored) - len(distinct)
+    assert reasons[BELOW_TOP_K] == (sizes - 2).clip(lower=0).sum()
+    assert reasons["empty_doc"] + reasons["null_id"] == frame["reject_reason"].notna().sum()
+
+    kept = out.filter(pa.compute.is_null(out["reject_reason"]))
+    expected = top_k(rank_queries(table), 2)
+    pd.testing.assert_frame_equal(
+        kept.to_pandas(),
+        expected.filter(pa.compute.is_null(expected["reject_reason"])).to_pandas(),
+    )
+    below = out.filter(pa.compute.equal(out["reject_reason"], BELOW_TOP_K))
+    assert pa.compute.min(below[RANK]).as_py() == 3
