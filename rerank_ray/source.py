@@ -103,9 +103,7 @@ def read_dataset(plan: SourcePlan, cfg: JobConfig):
             list(plan.paths), filesystem=plan.filesystem, columns=columns, file_extensions=None
         )
     else:
-        ds = ray.data.read_json(
-            list(plan.paths), filesystem=plan.filesystem, lines=True, file_extensions=None
-        )
+        ds = ray.data.read_json(list(plan.paths), filesystem=plan.filesystem, file_extensions=None)
     renames = {k: v for k, v in cfg.column_map.items() if k != v}
     if renames:
         ds = ds.rename_columns(renames)

@@ -1,0 +1,211 @@
+"""The whole job on a real local Ray instance with local files."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.json  # noqa: F401
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rerank_ray import JobConfig, run, schema
+from rerank_ray.source import InputError
+from rerank_ray.storage import StorageError
+from tests.conftest import make_pairs
+
+pytestmark = pytest.mark.integration
+
+
+def write_shards(table: pa.Table, directory, shards: int = 3):
+    directory.mkdir(parents=True, exist_ok=True)
+    step = -(-table.num_rows // shards)
+    for i in range(shards):
+        pq.write_table(table.slice(i * step, step), directory / f"part-{i}.parquet")
+    return directory
+
+
+def read_output(out_dir):
+    scored = pads.dataset(str(out_dir), format="parquet", partitioning="hive").to_table()
+    rejects_dir = out_dir / schema.REJECTS_DIR
+    rejects = pads.dataset(str(rejects_dir)).to_table() if rejects_dir.exists() else None
+    manifest = json.loads((out_dir / schema.MANIFEST_NAME).read_text())
+    return scored, rejects, manifest
+
+
+def keys(table):
+    return list(zip(table["query_id"].to_pylist(), table["doc_id"].to_pylist(), strict=True))
+
+
+def hf_scores(model_dir, queries, docs):
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    out = []
+    for i in range(0, len(queries), 64):
+        inputs = tok(queries[i : i + 64], docs[i : i + 64], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out.append(model(**inputs).logits.view(-1).numpy())
+    return np.concatenate(out)
+
+
+def test_every_row_exactly_once_with_scores_equal_to_hf(ray_local, tiny_model_dir, tmp_path):
+    table = make_pairs(600)
+    bad = pa.table(
+        {
+            "query_id": ["bad1", "bad2", "bad3"],
+            "query": [None, "ok", "ok"],
+            "doc_id": ["x1", "x2", "x3"],
+            "doc": ["d", "", None],
+            "retrieval_rank": [1, 1, 1],
+        }
+    )
+    table = pa.concat_tables([table.slice(0, 300), bad, table.slice(300)])
+    inp = write_shards(table, tmp_path / "in")
+    out = tmp_path / "out"
+    manifest = run(
+        JobConfig(
+            input=str(inp),
+            output=str(out),
+            model=str(tiny_model_dir),
+            batch_rows=128,
+            tokenize_actors=1,
+            num_actors=1,
+            run_date="2026-11-21",
+        )
+    )
+    scored, rejects, written = read_output(out)
+    assert written == manifest
+    all_keys = keys(scored) + keys(rejects)
+    assert len(all_keys) == len(set(all_keys)) == table.num_rows
+    assert set(all_keys) == set(keys(table))
+    assert manifest["rows_read"] == table.num_rows
+    assert manifest["rows_scored"] == scored.num_rows == 600
+    assert manifest["rejects_by_reason"] == {"empty_doc": 1, "null_doc": 1, "null_query": 1}
+    assert sorted(rejects["reject_reason"].to_pylist()) == ["empty_doc", "null_doc", "null_query"]
+    assert set(scored["run_date"].to_pylist()) == {"2026-11-21"}
+    assert (out / "run_date=2026-11-21").is_dir()
+    assert len(manifest["weights_sha256"]) == 64
+    # Scores equal HF logits on the same weights, whatever order rows came out in.
+    ref = hf_scores(tiny_model_dir, scored["query"].to_pylist(), scored["doc"].to_pylist())
+    np.testing.assert_allclose(scored["score"].to_numpy(), ref, atol=1e-4, rtol=0)
+    assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
+
+
+def test_truncation_flag_and_extra_partition(ray_local, tiny_model_dir, tmp_path):
+    table = make_pairs(60)
+    table = table.append_column("lang", pa.array(["en", "de"] * 30))
+    long_doc = " ".join(["paris is the capital and most populous city of france"] * 20)
+    docs = table["doc"].to_pylist()
+    docs[::3] = [long_doc] * len(docs[::3])
+    table = table.set_column(table.schema.get_field_index("doc"), "doc", pa.array(docs))
+    inp = write_shards(table, tmp_path / "in", shards=2)
+    out = tmp_path / "out"
+    manifest = run(
+        JobConfig(
+            input=str(inp),
+            output=str(out),
+            model=str(tiny_model_dir),
+            max_length=48,
+            partition_by=["run_date", "lang"],
+            run_date="2026-01-02",
+            tokenize_actors=1,
+            num_actors=1,
+        )
+    )
+    scored, _, _ = read_output(out)
+    assert {p.name for p in (out / "run_date=2026-01-02").iterdir()} == {"lang=en", "lang=de"}
+    truncated = dict(
+        zip(scored["doc_id"].to_pylist(), scored["truncated"].to_pylist(), strict=True)
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    expected = {
+        d: len(tok(q, doc)["input_ids"]) > 48
+        or len(tok(q, add_special_tokens=False)["input_ids"]) > 36
+        for d, q, doc in zip(
+            table["doc_id"].to_pylist(), table["query"].to_pylist(), docs, strict=True
+        )
+    }
+    assert sum(expected.values()) < len(expected)  # both kinds of rows are present
+    assert truncated == expected
+    assert manifest["rows_truncated"] == sum(expected.values()) > 0
+
+
+def test_jsonl_input_with_mapped_columns(ray_local, tiny_model_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    rows = make_pairs(50).to_pylist()
+    with open(tmp_path / "in" / "pairs.jsonl", "w") as fh:
+        for r in rows:
+            fh.write(
+                json.dumps(
+                    {
+                        "qid": r["query_id"],
+                        "question": r["query"],
+                        "pid": r["doc_id"],
+                        "passage": r["doc"],
+                        "source": "bm25",
+                    }
+                )
+                + "\n"
+            )
+    out = tmp_path / "out"
+    run(
+        JobConfig(
+            input=str(tmp_path / "in"),
+            output=str(out),
+            model=str(tiny_model_dir),
+            query_id_column="qid",
+            query_column="question",
+            doc_id_column="pid",
+            doc_column="passage",
+            keep_columns=["qid", "pid", "source"],
+            tokenize_actors=1,
+            num_actors=1,
+        )
+    )
+    scored, _, manifest = read_output(out)
+    assert manifest["rows_scored"] == 50
+    assert set(scored.column_names) == {
+        "query_id",
+        "doc_id",
+        "source",
+        "score",
+        "score_norm",
+        "truncated",
+        "run_date",
+    }
+    assert sorted(scored["doc_id"].to_pylist()) == sorted(r["doc_id"] for r in rows)
+
+
+def test_missing_column_names_column_and_file(tiny_model_dir, tmp_path):
+    inp = tmp_path / "in"
+    write_shards(make_pairs(20), inp, shards=2)
+    pq.write_table(make_pairs(5).drop_columns(["doc"]), inp / "part-9.parquet")
+    with pytest.raises(InputError, match=r"part-9\.parquet has no column 'doc'.*--doc-column"):
+        run(JobConfig(input=str(inp), output=str(tmp_path / "out"), model=str(tiny_model_dir)))
+
+
+def test_corrupt_shard_names_the_object(tiny_model_dir, tmp_path):
+    inp = write_shards(make_pairs(20), tmp_path / "in", shards=2)
+    (inp / "part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(InputError, match=r"part-1\.parquet is not a readable Parquet file"):
+        run(JobConfig(input=str(inp), output=str(tmp_path / "out"), model=str(tiny_model_dir)))
+
+
+def test_unwritable_output_fails_before_scoring(tiny_model_dir, tmp_path):
+    inp = write_shards(make_pairs(20), tmp_path / "in", shards=1)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="is not writable"):
+        run(JobConfig(input=str(inp), output=str(blocker / "out"), model=str(tiny_model_dir)))
+
+
+def test_no_input_files(tiny_model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="No input files found"):
+        run(
+            JobConfig(
+                input=str(tmp_path / "empty"), output=str(tmp_path / "o"), model=str(tiny_model_dir)
+            )
+        )
