@@ -45,26 +45,10 @@ def per_query(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], Any]:
     return transform
 
 
-class _NightlyGroup:
-    def __init__(self, cfg: NightlyConfig) -> None:
-        self.cfg = cfg
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return nightly_group(table, self.cfg)
-
-
-class _LabelingGroup:
-    def __init__(self, cfg: LabelConfig) -> None:
-        self.cfg = cfg
-
-    def __call__(self, table: pa.Table) -> pa.Table:
-        return labeling_group(table, self.cfg)
-
-
 def run_nightly(job: JobConfig, cfg: NightlyConfig) -> dict[str, Any]:
     """Score, keep each query's top-k, commit; return the mode report (also written)."""
     job = job.with_defaults_resolved()
-    manifest = pipeline.run(job, transform=per_query(_NightlyGroup(cfg)))
+    manifest = pipeline.run(job, transform=per_query(lambda table: nightly_group(table, cfg)))
     fs, base = storage.resolve(job.output, pipeline.s3_settings(job))
     table = read_committed(fs, base, manifest)
     stats = nightly_stats(table, cfg.effective_overlap_k)
@@ -82,7 +66,7 @@ def run_labeling(job: JobConfig, cfg: LabelConfig) -> dict[str, Any]:
             "add them to keep_columns or leave keep_columns unset."
         )
     job = job.with_defaults_resolved()
-    manifest = pipeline.run(job, transform=per_query(_LabelingGroup(cfg)))
+    manifest = pipeline.run(job, transform=per_query(lambda table: labeling_group(table, cfg)))
     fs, base = storage.resolve(job.output, pipeline.s3_settings(job))
     table = read_committed(fs, base, manifest)
     run_dir = storage.join(base, EXPORTS_DIR, manifest["run_id"])
