@@ -59,6 +59,12 @@ def make_pairs(n: int, seed: int = 0, queries: int | None = None) -> pa.Table:
     return pa.table(rows)
 
 
+def moto_server_exe() -> str:
+    """The moto_server of this interpreter's environment (not another one on PATH)."""
+    local = Path(sys.executable).parent / "moto_server"
+    return str(local) if local.exists() else (shutil.which("moto_server") or "moto_server")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,14 +72,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     """A real S3-protocol server (moto_server) on 127.0.0.1; AWS env points at it."""
     port = _free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    log = open(tmp_path_factory.mktemp("moto") / "moto_server.log", "w")  # noqa: SIM115
+    exe = moto_server_exe()
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -104,6 +111,7 @@ def s3_server():
             os.environ[k] = v
     proc.terminate()
     proc.wait(timeout=10)
+    log.close()
 
 
 @pytest.fixture
