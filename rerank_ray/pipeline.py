@@ -19,11 +19,17 @@ def s3_settings(cfg: JobConfig) -> storage.S3Settings:
     return storage.S3Settings.resolve(cfg.s3_endpoint_url, cfg.s3_region, cfg.s3_verify_tls)
 
 
-def run(config: JobConfig, transform: Transform | None = None) -> dict[str, Any]:
+def run(
+    config: JobConfig,
+    transform: Transform | None = None,
+    filtered_reasons: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """Run a rerank job and return its manifest (also written as ``<output>/_SUCCESS``).
 
     ``transform``, if given, maps the scored Dataset (rejected rows included, marked by a
     non-null ``reject_reason``) before it is written; job modes use it to rank or label.
+    Rows the transform marks with a reason in ``filtered_reasons`` are counted in the
+    manifest but not written (a nightly top-k drops most candidates on purpose).
     Everything that can be checked before scoring is checked first, so bad input, bad
     credentials or an unwritable output fail in seconds, not after the model has loaded.
     """
@@ -73,6 +79,8 @@ def run(config: JobConfig, transform: Transform | None = None) -> dict[str, Any]
         partition_by=cfg.partition_by,
         expected_rows=plan.num_rows,
         manifest_extra=manifest_extra,
+        reject_columns=[cfg.column_map.get(c, c) for c in plan.schema.names],
+        filtered_reasons=filtered_reasons,
     )
     out.started = t0
     ds.write_datasink(out)

@@ -47,6 +47,9 @@ class RejectReason:
     NOT_STRING_QUERY = "not_string_query"
     NOT_STRING_DOC = "not_string_doc"
     NULL_ID = "null_id"
+    # Set by job modes: rows a mode leaves out on purpose.
+    DUPLICATE_PAIR = "duplicate_pair"
+    BELOW_TOP_K = "below_top_k"
 
     ALL = (
         NULL_QUERY,
@@ -56,6 +59,8 @@ class RejectReason:
         NOT_STRING_QUERY,
         NOT_STRING_DOC,
         NULL_ID,
+        DUPLICATE_PAIR,
+        BELOW_TOP_K,
     )
 
 

@@ -45,8 +45,23 @@ class WriteStats:
     scored: int = 0
     rejected: int = 0
     truncated: int = 0
+    filtered: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    filtered_reasons: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+
+    def add(self, other: WriteStats) -> None:
+        self.scored += other.scored
+        self.rejected += other.rejected
+        self.truncated += other.truncated
+        self.filtered += other.filtered
+        self.files.extend(other.files)
+        for mine, theirs in (
+            (self.reasons, other.reasons),
+            (self.filtered_reasons, other.filtered_reasons),
+        ):
+            for reason, count in theirs.items():
+                mine[reason] = mine.get(reason, 0) + count
 
 
 def check_output_writable(output_uri: str, s3: storage.S3Settings, run_id: str) -> None:
@@ -67,7 +82,12 @@ def check_output_writable(output_uri: str, s3: storage.S3Settings, run_id: str) 
 
 
 class RerankSink(Datasink[WriteStats]):
-    """Ray Data sink: partitioned scored rows + rejects, staged, committed by a manifest."""
+    """Ray Data sink: partitioned scored rows + rejects, staged, committed by a manifest.
+
+    ``reject_columns`` are the columns a rejected row is written with (the input columns as
+    read, plus ``reject_reason``). Rows whose reason is in ``filtered_reasons`` (e.g. a
+    nightly run's ``below_top_k``) are left out on purpose: counted, not written.
+    """
 
     def __init__(
         self,
@@ -78,6 +98,8 @@ class RerankSink(Datasink[WriteStats]):
         partition_by: list[str],
         expected_rows: int,
         manifest_extra: dict[str, Any],
+        reject_columns: list[str] | None = None,
+        filtered_reasons: tuple[str, ...] = (),
     ) -> None:
         self.output_uri = output_uri
         self.s3 = s3
@@ -86,6 +108,8 @@ class RerankSink(Datasink[WriteStats]):
         self.partition_by = list(partition_by)
         self.expected_rows = expected_rows
         self.manifest_extra = manifest_extra
+        self.reject_columns = reject_columns
+        self.filtered_reasons = tuple(filtered_reasons)
         self.started = time.time()
         self.manifest: dict[str, Any] | None = None
 
@@ -98,6 +122,8 @@ class RerankSink(Datasink[WriteStats]):
         pending_rows = 0
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            if table.num_rows == 0:  # e.g. an empty group output; it may even lack columns
+                continue
             pending.append(table)
             pending_rows += table.num_rows
             if pending_rows >= ROWS_PER_FILE:
@@ -109,9 +135,18 @@ class RerankSink(Datasink[WriteStats]):
 
     def _write_tables(self, fs, staging: str, tables: list[pa.Table], stats: WriteStats) -> None:
         table = pa.concat_tables(tables, promote_options="permissive")
-        rejected_mask = pc.is_valid(table[schema.REJECT_REASON])
+        reasons = table[schema.REJECT_REASON]
+        rejected_mask = pc.is_valid(reasons)
         scored = table.filter(pc.invert(rejected_mask))
         rejected = table.filter(rejected_mask)
+        if self.filtered_reasons and rejected.num_rows:
+            drop = pc.is_in(rejected[schema.REJECT_REASON], pa.array(self.filtered_reasons))
+            for reason, count in Counter(
+                rejected.filter(drop)[schema.REJECT_REASON].to_pylist()
+            ).items():
+                stats.filtered_reasons[reason] = stats.filtered_reasons.get(reason, 0) + count
+                stats.filtered += count
+            rejected = rejected.filter(pc.invert(drop))
         tag = f"{self.run_id}-{uuid.uuid4().hex[:12]}"
         if scored.num_rows:
             scored = self._scored_table(scored)
@@ -161,21 +196,16 @@ class RerankSink(Datasink[WriteStats]):
     def on_write_complete(self, write_result) -> None:
         totals = WriteStats()
         for stats in write_result.write_returns:
-            totals.scored += stats.scored
-            totals.rejected += stats.rejected
-            totals.truncated += stats.truncated
-            totals.files.extend(stats.files)
-            for reason, count in stats.reasons.items():
-                totals.reasons[reason] = totals.reasons.get(reason, 0) + count
+            totals.add(stats)
         fs, base = storage.resolve(self.output_uri, self.s3)
         staging = storage.join(base, STAGING_DIR, self.run_id)
-        rows_out = totals.scored + totals.rejected
+        rows_out = totals.scored + totals.rejected + totals.filtered
         if rows_out != self.expected_rows:
             _delete_dir(fs, staging)
             raise RowCountError(
                 f"Run {self.run_id}: {self.expected_rows} rows were read but {rows_out} came out "
-                f"({totals.scored} scored + {totals.rejected} rejected). Nothing was committed "
-                f"to {self.output_uri}; rerun the job."
+                f"({totals.scored} scored + {totals.rejected} rejected + {totals.filtered} "
+                f"filtered). Nothing was committed to {self.output_uri}; rerun the job."
             )
         committed = _move_all(fs, staging, base, totals.files)
         _delete_dir(fs, staging)
@@ -190,6 +220,8 @@ class RerankSink(Datasink[WriteStats]):
             "rows_rejected": totals.rejected,
             "rows_truncated": totals.truncated,
             "rejects_by_reason": dict(sorted(totals.reasons.items())),
+            "rows_filtered": totals.filtered,
+            "filtered_by_reason": dict(sorted(totals.filtered_reasons.items())),
             "wall_time_s": round(wall, 3),
             "pairs_per_s": round(totals.scored / wall, 2) if wall > 0 else None,
             "files": sorted(rel),

@@ -26,8 +26,8 @@ from rerank_ray.modes.ranking import (
     with_null_columns,
 )
 
-DUPLICATE_PAIR = "duplicate_pair"
-BELOW_TOP_K = "below_top_k"
+DUPLICATE_PAIR = schema.RejectReason.DUPLICATE_PAIR
+BELOW_TOP_K = schema.RejectReason.BELOW_TOP_K
 MODE_REJECT_REASONS = (DUPLICATE_PAIR, BELOW_TOP_K)
 
 

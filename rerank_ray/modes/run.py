@@ -40,7 +40,13 @@ def per_query(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], Any]:
     """A Dataset transform applying ``fn`` to each query's rows, across all shards."""
 
     def transform(ds):
-        return ds.groupby(schema.QUERY_ID).map_groups(fn, batch_format="pyarrow")
+        import ray
+
+        # One shuffle partition per CPU: Ray's default (200) makes 200 write tasks and as
+        # many small files per partition, whatever the data size.
+        partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        grouped = ds.groupby(schema.QUERY_ID, num_partitions=partitions)
+        return grouped.map_groups(fn, batch_format="pyarrow")
 
     return transform
 
@@ -48,7 +54,11 @@ def per_query(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], Any]:
 def run_nightly(job: JobConfig, cfg: NightlyConfig) -> dict[str, Any]:
     """Score, keep each query's top-k, commit; return the mode report (also written)."""
     job = job.with_defaults_resolved()
-    manifest = pipeline.run(job, transform=per_query(lambda table: nightly_group(table, cfg)))
+    manifest = pipeline.run(
+        job,
+        transform=per_query(lambda table: nightly_group(table, cfg)),
+        filtered_reasons=(schema.RejectReason.BELOW_TOP_K,),
+    )
     fs, base = storage.resolve(job.output, pipeline.s3_settings(job))
     table = read_committed(fs, base, manifest)
     stats = nightly_stats(table, cfg.effective_overlap_k)
