@@ -7,7 +7,7 @@ whitespace word-level vocabulary of 250,002 entries laid out like XLM-R's (``<s>
 and the length distribution below is exactly the token-length distribution.
 
 Length distribution (per pair, before special tokens): query words uniform in [6, 20]
-(mean 13); document words ``round(exp(N(4.52, 0.55)))`` clipped to [8, 700] (mean ~107). With
+(mean 13); document words ``round(exp(N(4.49, 0.55)))`` clipped to [8, 700] (mean ~104). With
 4 special tokens and truncation of the document to max_length 512 a pair averages ~121 tokens;
 about 0.2% of pairs reach 512. Each query has ``docs_per_query`` documents.
 """
@@ -79,7 +79,7 @@ def make_workload(
         rng.integers(0, vocab, rng.integers(6, 21)).astype(np.int32) + FIRST_WORD_ID
         for _ in range(n_queries)
     ]
-    d_len = np.clip(np.round(np.exp(rng.normal(4.52, 0.55, pairs))), 8, 700).astype(np.int64)
+    d_len = np.clip(np.round(np.exp(rng.normal(4.49, 0.55, pairs))), 8, 700).astype(np.int64)
     flat = (rng.integers(0, vocab, int(d_len.sum())) + FIRST_WORD_ID).astype(np.int32)
     docs = np.split(flat, np.cumsum(d_len)[:-1])
     return Workload(queries, docs, np.arange(pairs) // docs_per_query, max_length)

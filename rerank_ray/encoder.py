@@ -61,18 +61,11 @@ class _LayerWeights:
     ln2_b: torch.Tensor
 
 
-def _post_attention(
-    attn: torch.Tensor, x: torch.Tensor, w: _LayerWeights, eps: float, act: str
+def _add_layer_norm(
+    y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """Output projection, residual + LayerNorm, feed-forward, residual + LayerNorm.
-
-    Kept as one function so ``torch.compile`` can fuse the bias/activation/residual/LayerNorm
-    elementwise work between the matmuls when asked to.
-    """
-    hidden = x.shape[-1]
-    x = F.layer_norm(F.linear(attn, w.out_w, w.out_b) + x, (hidden,), w.ln1_w, w.ln1_b, eps)
-    h = _ACTIVATIONS[act](F.linear(x, w.up_w, w.up_b))
-    return F.layer_norm(F.linear(h, w.down_w, w.down_b) + x, (hidden,), w.ln2_w, w.ln2_b, eps)
+    """Residual add then LayerNorm; one fused kernel when wrapped in ``torch.compile``."""
+    return F.layer_norm(y + residual, (y.shape[-1],), weight, bias, eps)
 
 
 class PendingScores:
@@ -97,6 +90,8 @@ class PackedEncoder:
     prepares the next micro-batch while the device computes this one.
     """
 
+    padded = False  # micro-batches cost the sum of their lengths, not rows x longest
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -105,13 +100,17 @@ class PackedEncoder:
         dtype: torch.dtype | None = None,
         attention: str = "auto",
         compile: bool = False,  # noqa: A002
+        gelu_epilogue: bool = False,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
         ``device``/``dtype`` default to the model's. ``attention``: ``varlen`` (CUDA flash
         attention over cu_seqlens), ``sdpa`` (padded per micro-batch, exact, any device) or
-        ``auto`` (varlen where available with fp16/bf16, else sdpa). ``compile`` wraps the
-        per-layer elementwise work in ``torch.compile`` (dynamic shapes).
+        ``auto`` (varlen where available with fp16/bf16, else sdpa). ``compile`` fuses each
+        residual add with its LayerNorm through ``torch.compile`` (dynamic shapes).
+        ``gelu_epilogue`` computes bias + GELU inside the feed-forward matmul (cuBLASLt
+        epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
+        models it changes logits slightly (bench/ reports by how much): off by default.
         """
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -196,8 +195,11 @@ class PackedEncoder:
                 f"(device {self.device}, torch {torch.__version__}); use attention='sdpa'."
             )
         self.attention = attention
+        if gelu_epilogue and (not on_cuda or not cfg.hidden_act.startswith("gelu")):
+            raise ValueError("gelu_epilogue needs CUDA and a GELU model; leave it off here.")
+        self._gelu_epilogue = gelu_epilogue
         self._pin = on_cuda
-        self._post = torch.compile(_post_attention, dynamic=True) if compile else _post_attention
+        self._add_ln = torch.compile(_add_layer_norm, dynamic=True) if compile else _add_layer_norm
 
     # --- host side --------------------------------------------------------------------------
     def _stage(
@@ -288,7 +290,12 @@ class PackedEncoder:
         x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
         for w in self._layers:
             attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, rowcol)
-            x = self._post(attn, x, w, self._eps, self._act)
+            x = self._add_ln(F.linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
+            if self._gelu_epilogue:
+                h = torch._addmm_activation(w.up_b, x, w.up_w.t(), use_gelu=True)
+            else:
+                h = _ACTIVATIONS[self._act](F.linear(x, w.up_w, w.up_b))
+            x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
         first = x.index_select(0, cu[:-1])
         pooled = torch.tanh(F.linear(first, *self._head))
         return F.linear(pooled, *self._out).view(n_seq).float()

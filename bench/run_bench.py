@@ -1,0 +1,582 @@
+"""GPU benchmark of rerank-ray's scorer against FlagReranker and sentence-transformers.
+
+One command on the GPU machine (see bench/README.md):
+
+    PYTHONPATH=. python3 bench/run_bench.py --out "$OUT"
+
+builds the full-size bge-reranker-v2-m3 architecture with random weights, generates the
+workload of ``bench/workload.py`` and measures, in one process and on one GPU: a dense matmul
+peak, FlagReranker(use_fp16) and CrossEncoder (fp16) on a subset, HF's padded forward on
+length-sorted token-budget batches, and the padding-free encoder (eager/compiled, fp16/bf16,
+several budgets plus the autotuned one), each driven the way the scorer drives it (blocks of
+rows, length sort, budget cut, one micro-batch in flight ahead, results back in input order).
+``--sections scaling`` runs the padding-free scorer in 1 and in N Ray actors (one GPU each).
+Writes ``bench.json`` (device, date, every figure) and ``bench.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workload import PAD, encoder_flops, make_workload, save_synthetic_tokenizer  # noqa: E402
+from rerank_ray.autotune import (  # noqa: E402
+    MicroBatch,
+    TokenBudget,
+    autotune_token_budget,
+    cut_by_budget,
+    score_microbatches,
+)
+from rerank_ray.encoder import PackedEncoder  # noqa: E402
+
+BGE_M3_CONFIG = dict(
+    vocab_size=250002,
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    max_position_embeddings=8194,
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    layer_norm_eps=1e-5,
+    num_labels=1,
+)
+SECTIONS = ("matmul", "correctness", "autotune", "packed", "hf_padded", "peers", "job", "scaling")
+GIB = 2**30
+
+
+class HFPaddedRunner:
+    """Baseline runner: HF's own forward on a padded micro-batch with an attention mask."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def score(self, ids_flat, offsets, type_ids_flat=None) -> np.ndarray:
+        lengths = np.diff(offsets)
+        width = int(lengths.max())
+        cols = np.arange(len(ids_flat)) - np.repeat(offsets[:-1], lengths)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        ids = np.full((len(lengths), width), PAD, dtype=np.int64)
+        ids[rows, cols] = ids_flat
+        ids_t = torch.from_numpy(ids).pin_memory().to(self.device, non_blocking=True)
+        mask = ids_t != PAD
+        return (
+            self.model(input_ids=ids_t, attention_mask=mask).logits.view(-1).float().cpu().numpy()
+        )
+
+
+def gather_rows(ids_flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+    """Packed ids and offsets of ``rows`` (in that order)."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    new_off = np.zeros(len(rows) + 1, dtype=np.int64)
+    new_off[1:] = np.cumsum(lengths)
+    src = np.repeat(offsets[rows] - new_off[:-1], lengths) + np.arange(new_off[-1])
+    return ids_flat[src], new_off
+
+
+def score_rows(runner, ids_flat, offsets, budget: TokenBudget, *, padded=False, block_rows=4096):
+    """Score every row as the scorer stage does: per block, sort by length, cut by budget,
+    score the micro-batches (one in flight ahead), restore input order."""
+    out = np.empty(len(offsets) - 1, dtype=np.float32)
+    for b0 in range(0, len(out), block_rows):
+        b1 = min(b0 + block_rows, len(out))
+        lengths = offsets[b0 + 1 : b1 + 1] - offsets[b0:b1]
+        order = np.argsort(lengths, kind="stable")
+        ids, off = gather_rows(ids_flat, offsets, order + b0)
+        mbs = []
+        for s, e in cut_by_budget(lengths[order], budget.value, padded):
+            lo, hi = off[s], off[e]
+            mbs.append(MicroBatch(ids[lo:hi], off[s : e + 1] - lo, None))
+        scores = np.concatenate(score_microbatches(runner, mbs, budget, padded=padded))
+        out[b0 + order] = scores
+    return out
+
+
+def build_model(dtype=torch.float32):
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**BGE_M3_CONFIG))
+    return model.to(dtype).eval()
+
+
+def timed(fn, sync=True):
+    if sync:
+        torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    value = fn()
+    if sync:
+        torch.cuda.synchronize()
+    return value, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / GIB
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.report = {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+            "device": torch.cuda.get_device_name(0),
+            "gpus": torch.cuda.device_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "model": "bge-reranker-v2-m3 architecture (XLMRobertaForSequenceClassification, "
+            "24x1024, random weights)",
+            "results": [],
+            "errors": {},
+        }
+        import transformers
+
+        self.report["transformers"] = transformers.__version__
+        self.work = make_workload(args.pairs, max_length=args.max_length)
+        self.ids, self.offsets = self.work.tokenized()
+        self.lengths = np.diff(self.offsets)
+        self.report["workload"] = {
+            "pairs": int(len(self.lengths)),
+            "mean_tokens": float(self.lengths.mean()),
+            "median_tokens": float(np.median(self.lengths)),
+            "p99_tokens": float(np.percentile(self.lengths, 99)),
+            "max_length": args.max_length,
+            "at_max_length": float((self.lengths >= args.max_length).mean()),
+            "distribution": "bench/workload.py: query U[6,20] words, doc round(exp(N(4.49,0.55))) "
+            "words clipped [8,700], 4 special tokens, doc truncated to max_length",
+        }
+        self.model16 = build_model(torch.float16)
+        self.peak = None
+        self.model_dir = None
+
+    # --- helpers ----------------------------------------------------------------------------
+    def flops(self, lengths):
+        return encoder_flops(lengths, 1024, 4096, 24)
+
+    def record(self, name, pairs_lengths, seconds, peak_gib, **extra):
+        flops = self.flops(pairs_lengths)
+        tflops = flops / seconds / 1e12
+        row = {
+            "name": name,
+            "pairs": int(len(pairs_lengths)),
+            "seconds": round(seconds, 3),
+            "pairs_per_s": round(len(pairs_lengths) / seconds, 1),
+            "tokens_per_s": round(float(pairs_lengths.sum()) / seconds, 0),
+            "tflops": round(tflops, 1),
+            "pct_of_matmul_peak": round(100 * tflops / self.peak, 1) if self.peak else None,
+            "peak_gpu_mem_gib": round(peak_gib, 2),
+            **extra,
+        }
+        self.report["results"].append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    def save(self):
+        (self.out / "bench.json").write_text(json.dumps(self.report, indent=1))
+
+    def subset(self, n):
+        n = min(n, len(self.lengths))
+        return self.ids[: self.offsets[n]], self.offsets[: n + 1]
+
+    def saved_model_dir(self):
+        if self.model_dir is None:
+            self.model_dir = tempfile.mkdtemp(prefix="bge-random-")
+            self.model16.save_pretrained(self.model_dir)
+            save_synthetic_tokenizer(self.model_dir)
+        return self.model_dir
+
+    # --- sections ---------------------------------------------------------------------------
+    def matmul(self):
+        peaks = {}
+        for dtype in (torch.bfloat16, torch.float16):
+            n = 8192
+            a = torch.randn(n, n, device="cuda", dtype=dtype)
+            b = torch.randn(n, n, device="cuda", dtype=dtype)
+            for _ in range(3):
+                a @ b
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                a @ b
+            torch.cuda.synchronize()
+            peaks[str(dtype).split(".")[-1]] = 2 * n**3 * 20 / (time.perf_counter() - t0) / 1e12
+            del a, b
+        self.peak = max(peaks.values())
+        self.report["matmul_peak_tflops"] = {k: round(v, 1) for k, v in peaks.items()}
+        print("matmul peak", peaks, flush=True)
+
+    def correctness(self):
+        from scipy.stats import spearmanr
+
+        n = min(self.args.check_pairs, len(self.lengths))
+        ids, off = self.subset(n)
+        budget = 32768
+        model32 = build_model(torch.float32)
+        ref32 = score_rows(HFPaddedRunner(model32), ids, off, TokenBudget(budget, 512), padded=True)
+        pk32 = score_rows(
+            PackedEncoder(model32, attention="sdpa"), ids, off, TokenBudget(budget, 512)
+        )
+        del model32
+        torch.cuda.empty_cache()
+        ref16 = score_rows(
+            HFPaddedRunner(self.model16), ids, off, TokenBudget(budget, 512), padded=True
+        )
+        pk16 = score_rows(PackedEncoder(self.model16), ids, off, TokenBudget(budget, 512))
+        pk16g = score_rows(
+            PackedEncoder(self.model16, gelu_epilogue=True), ids, off, TokenBudget(budget, 512)
+        )
+        queries = self.work.query_of_pair[:n]
+
+        def per_query_spearman(a, b):
+            rhos = [spearmanr(a[queries == q], b[queries == q])[0] for q in np.unique(queries)]
+            return float(np.min(rhos)), float(np.mean(rhos))
+
+        spread = np.mean([ref32[queries == q].std() for q in np.unique(queries)])
+        self.report["correctness"] = {
+            "pairs": n,
+            "queries": int(len(np.unique(queries))),
+            "mean_within_query_logit_std_fp32": float(spread),
+            "packed_fp32_vs_hf_fp32_max_abs": float(np.abs(pk32 - ref32).max()),
+            "packed_fp16_vs_hf_fp16_max_abs": float(np.abs(pk16 - ref16).max()),
+            "packed_fp16_vs_hf_fp32_max_abs": float(np.abs(pk16 - ref32).max()),
+            "hf_fp16_vs_hf_fp32_max_abs": float(np.abs(ref16 - ref32).max()),
+            "packed_fp16_vs_hf_fp32_spearman_min_mean": per_query_spearman(pk16, ref32),
+            "hf_fp16_vs_hf_fp32_spearman_min_mean": per_query_spearman(ref16, ref32),
+            "packed_fp16_gelu_epilogue_vs_hf_fp32_max_abs": float(np.abs(pk16g - ref32).max()),
+            "packed_fp16_gelu_epilogue_vs_hf_fp32_spearman_min_mean": per_query_spearman(
+                pk16g, ref32
+            ),
+        }
+        print("correctness", self.report["correctness"], flush=True)
+        self.save()
+
+    def autotune(self):
+        enc = PackedEncoder(self.model16)
+        t0 = time.perf_counter()
+        value = autotune_token_budget(
+            enc,
+            model="bge-m3-random",
+            dtype="float16",
+            max_length=self.args.max_length,
+            cache_path=None,
+            max_budget=self.args.max_budget,
+        )
+        self.report["autotune"] = {
+            "budget": value,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "max_budget": self.args.max_budget,
+        }
+        print("autotune", self.report["autotune"], flush=True)
+        self.save()
+
+    def run_packed(self, name, enc, budget, pairs, **extra):
+        ids, off = self.subset(pairs)
+        warm = min(20_000, pairs)
+        score_rows(enc, *self.subset(warm), TokenBudget(budget, 512))  # warm-up / compile
+        tb = TokenBudget(budget, 512)
+        _, sec, mem = timed(lambda: score_rows(enc, ids, off, tb))
+        self.record(name, np.diff(off), sec, mem, budget=budget, final_budget=tb.value, **extra)
+
+    def packed(self):
+        n = self.args.packed_pairs
+        enc = PackedEncoder(self.model16)
+        for budget in self.args.budgets:
+            self.run_packed(f"padding-free fp16 eager, budget {budget}", enc, budget, n)
+        tuned = self.report.get("autotune", {}).get("budget")
+        best = tuned or max(self.args.budgets)
+        if tuned and tuned not in self.args.budgets:
+            self.run_packed(f"padding-free fp16 eager, autotuned {tuned}", enc, tuned, n)
+        del enc
+        if self.args.compile:
+            t0 = time.perf_counter()
+            enc = PackedEncoder(self.model16, compile=True)
+            self.run_packed(
+                f"padding-free fp16 compiled add+LN, budget {best}",
+                enc,
+                best,
+                n,
+                build_and_warm_s=round(time.perf_counter() - t0, 1),
+            )
+            del enc
+        enc = PackedEncoder(self.model16, gelu_epilogue=True)
+        self.run_packed(f"padding-free fp16 eager + GELU epilogue, budget {best}", enc, best, n)
+        enc = PackedEncoder(self.model16, gelu_epilogue=True, compile=True)
+        self.run_packed(
+            f"padding-free fp16 GELU epilogue + compiled add+LN, budget {best}", enc, best, n
+        )
+        enc = PackedEncoder(self.model16, dtype=torch.bfloat16)
+        self.run_packed(f"padding-free bf16 eager, budget {best}", enc, best, n)
+
+    def hf_padded(self):
+        ids, off = self.subset(self.args.hf_pairs)
+        runner = HFPaddedRunner(self.model16)
+        score_rows(runner, *self.subset(5000), TokenBudget(65536, 512), padded=True)
+        _, sec, mem = timed(
+            lambda: score_rows(runner, ids, off, TokenBudget(65536, 512), padded=True)
+        )
+        self.record("HF padded fp16, sorted, budget 65536", np.diff(off), sec, mem)
+
+    def peers(self):
+        n = self.args.peer_pairs
+        pairs = self.work.texts(n)
+        lengths = self.lengths[:n]
+        path = self.saved_model_dir()
+        try:
+            from FlagEmbedding import FlagReranker
+
+            rr = FlagReranker(path, use_fp16=True, batch_size=128, devices=["cuda:0"])
+            rr.compute_score(pairs[:256])
+            _, sec, mem = timed(lambda: rr.compute_score(pairs))
+            self.record("FlagReranker fp16 (flagembedding 1.4.2), batch 128", lengths, sec, mem)
+        except Exception:  # a peer failing must not lose the other figures
+            self.report["errors"]["flagreranker"] = traceback.format_exc()[-2000:]
+            print(self.report["errors"]["flagreranker"], flush=True)
+        torch.cuda.empty_cache()
+        try:
+            from sentence_transformers import CrossEncoder
+
+            ce = CrossEncoder(path, device="cuda", max_length=self.args.max_length)
+            ce.model.half()
+            ce.predict(pairs[:256], batch_size=32)
+            _, sec, mem = timed(lambda: ce.predict(pairs, batch_size=32))
+            self.record("sentence-transformers CrossEncoder fp16, batch 32", lengths, sec, mem)
+        except Exception:  # a peer failing must not lose the other figures
+            self.report["errors"]["crossencoder"] = traceback.format_exc()[-2000:]
+            print(self.report["errors"]["crossencoder"], flush=True)
+        torch.cuda.empty_cache()
+
+    def write_parquet(self, folder: Path, pairs: int) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder.mkdir(parents=True, exist_ok=True)
+        texts = self.work.texts(pairs)
+        shard = 50_000
+        for k, s0 in enumerate(range(0, len(texts), shard)):
+            part = texts[s0 : s0 + shard]
+            rows = range(s0, s0 + len(part))
+            table = pa.table(
+                {
+                    "query_id": [f"q{self.work.query_of_pair[i]}" for i in rows],
+                    "query": [q for q, _ in part],
+                    "doc_id": [f"d{i}" for i in rows],
+                    "doc": [d for _, d in part],
+                }
+            )
+            pq.write_table(table, folder / f"pairs-{k:04d}.parquet")
+
+    def job(self):
+        """The whole Ray Data job (Parquet read -> tokenize -> score -> Parquet write) on a
+        small and a large input in one Ray instance: the small run is mostly start-up
+        (actor start, model load, autotune), the difference of the two is the steady rate."""
+        import ray
+
+        path = self.saved_model_dir()
+        root = Path(tempfile.mkdtemp(prefix="job-"))
+        small, large = self.args.job_small_pairs, self.args.job_pairs
+        t0 = time.perf_counter()
+        self.write_parquet(root / "small", small)
+        self.write_parquet(root / "large", large)
+        gen_s = time.perf_counter() - t0
+        repo = str(Path(__file__).resolve().parent.parent)
+        pythonpath = ":".join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        ray.init(
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        )
+        try:
+            walls = self._run_jobs(root, path, small, large)
+        finally:
+            ray.shutdown()
+        steady = (large - small) / (walls["large"] - walls["small"])
+        self.report["job"] = {
+            "gpus": torch.cuda.device_count(),
+            "tokenize_actors": self.args.tokenize_actors,
+            "pairs_small": small,
+            "pairs_large": large,
+            "wall_small_s": round(walls["small"], 1),
+            "wall_large_s": round(walls["large"], 1),
+            "end_to_end_pairs_per_s": round(large / walls["large"], 1),
+            "steady_pairs_per_s": round(steady, 1),
+            "startup_s_estimate": round(walls["small"] - small / steady, 1),
+            "input_generation_s": round(gen_s, 1),
+        }
+        print("job", self.report["job"], flush=True)
+        self.save()
+
+    def _run_jobs(self, root: Path, path: str, small: int, large: int) -> dict[str, float]:
+        import rerank_ray
+
+        walls = {}
+        for name, n in (("small", small), ("large", large)):
+            cfg = rerank_ray.JobConfig(
+                input=str(root / name),
+                output=str(root / f"out-{name}"),
+                model=path,
+                device="cuda",
+                dtype="float16",
+                tokenize_actors=self.args.tokenize_actors,
+                num_actors=torch.cuda.device_count(),
+            )
+            t0 = time.perf_counter()
+            manifest = rerank_ray.run(cfg)
+            walls[name] = time.perf_counter() - t0
+            print("job", name, n, round(walls[name], 1), manifest.get("rows_scored"), flush=True)
+            if manifest.get("rows_scored") != n:
+                raise RuntimeError(f"job scored {manifest.get('rows_scored')} of {n} rows")
+        return walls
+
+    def scaling(self):
+        import ray
+
+        path = self.saved_model_dir()
+        n = self.args.scaling_pairs
+        ids, off = self.subset(n)
+        block = 4096
+        blocks = [
+            gather_rows(ids, off, np.arange(b0, min(b0 + block, n))) for b0 in range(0, n, block)
+        ]
+        repo = str(Path(__file__).resolve().parent.parent)
+        pythonpath = ":".join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        ray.init(
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=False,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+        )
+        budget = self.report.get("autotune", {}).get("budget") or max(self.args.budgets)
+
+        @ray.remote(num_gpus=1)
+        class ScorerActor:
+            def __init__(self, model_dir, budget):
+                from transformers import AutoModelForSequenceClassification
+
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    model_dir, dtype=torch.float16
+                )
+                self.enc = PackedEncoder(model.cuda().eval())
+                self.budget = TokenBudget(budget, 512)
+                score_rows(self.enc, *blocks_warm, self.budget)
+
+            def score(self, ids_flat, offsets):
+                return score_rows(self.enc, ids_flat, offsets, self.budget)
+
+        blocks_warm = blocks[0]
+        refs = [(ray.put(b[0]), ray.put(b[1])) for b in blocks]
+        self.report["scaling"] = {"pairs": n, "budget": budget}
+        for actors in sorted({1, torch.cuda.device_count()}):
+            t0 = time.perf_counter()
+            pool = [ScorerActor.remote(path, budget) for _ in range(actors)]
+            ray.get([a.__ray_ready__.remote() for a in pool])
+            startup = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs = [pool[i % actors].score.remote(*refs[i]) for i in range(len(refs))]
+            scores = np.concatenate(ray.get(outs))
+            sec = time.perf_counter() - t0
+            assert len(scores) == n
+            self.report["scaling"][f"actors_{actors}"] = {
+                "startup_s": round(startup, 1),
+                "seconds": round(sec, 2),
+                "pairs_per_s": round(n / sec, 1),
+            }
+            print("scaling", actors, self.report["scaling"][f"actors_{actors}"], flush=True)
+            for a in pool:
+                ray.kill(a)
+            self.save()
+        s = self.report["scaling"]
+        if "actors_2" in s:
+            s["speedup_2_vs_1"] = round(
+                s["actors_2"]["pairs_per_s"] / s["actors_1"]["pairs_per_s"], 3
+            )
+        ray.shutdown()
+
+    def chart(self):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.report["results"]
+        if not rows:
+            return
+        names = [r["name"] for r in rows]
+        fig, axes = plt.subplots(1, 3, figsize=(18, 0.5 * len(rows) + 2), sharey=True)
+        for ax, key, label in zip(
+            axes,
+            ("pairs_per_s", "pct_of_matmul_peak", "peak_gpu_mem_gib"),
+            ("pairs/s", "% of dense matmul peak (model FLOPs)", "peak GPU memory (GiB)"),
+            strict=True,
+        ):
+            vals = [r[key] or 0 for r in rows]
+            ax.barh(names, vals, color="tab:blue")
+            ax.set_xlabel(label)
+            for y, v in enumerate(vals):
+                ax.text(v, y, f" {v:,.0f}" if v >= 10 else f" {v:.1f}", va="center", fontsize=8)
+        axes[0].invert_yaxis()
+        fig.suptitle(
+            f"{self.report['device']}, {self.report['date'][:10]}: bge-reranker-v2-m3 arch, "
+            f"{self.report['workload']['mean_tokens']:.0f} tokens/pair avg; matmul peak "
+            f"{self.peak or 0:.0f} TFLOP/s"
+        )
+        fig.tight_layout()
+        fig.savefig(self.out / "bench.png", dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="Folder for bench.json and bench.png.")
+    p.add_argument("--sections", default=",".join(SECTIONS[:-1]), help=f"Any of {SECTIONS}.")
+    p.add_argument("--pairs", type=int, default=200_000, help="Pairs generated.")
+    p.add_argument("--packed-pairs", type=int, default=200_000)
+    p.add_argument("--hf-pairs", type=int, default=40_000)
+    p.add_argument("--peer-pairs", type=int, default=5_000)
+    p.add_argument("--check-pairs", type=int, default=2_000)
+    p.add_argument("--scaling-pairs", type=int, default=200_000)
+    p.add_argument("--budgets", default="65536,131072")
+    p.add_argument("--max-budget", type=int, default=65_536)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--job-pairs", type=int, default=500_000)
+    p.add_argument("--job-small-pairs", type=int, default=5_000)
+    p.add_argument("--tokenize-actors", type=int, default=12)
+    p.add_argument("--compile", action="store_true", help="Also time the torch.compile variant.")
+    args = p.parse_args(argv)
+    args.budgets = [int(b) for b in args.budgets.split(",")]
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    bench = Bench(args)
+    for section in SECTIONS:
+        if section not in sections:
+            continue
+        t0 = time.perf_counter()
+        try:
+            getattr(bench, section)()
+        except Exception:  # record and go on: one failing section must not lose the rest
+            bench.report["errors"][section] = traceback.format_exc()[-3000:]
+            print(bench.report["errors"][section], flush=True)
+        bench.report.setdefault("section_seconds", {})[section] = round(time.perf_counter() - t0, 1)
+        bench.save()
+        bench.chart()  # after every section, so a run stopped at its time limit keeps one
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""GPU checks of the padding-free encoder and the autotuned budget (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rerank_ray.autotune import MicroBatch, TokenBudget, autotune_token_budget, score_microbatches
+from rerank_ray.encoder import PackedEncoder, varlen_attention_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+
+def _model(dtype):
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        num_labels=1,
+    )
+    return XLMRobertaForSequenceClassification(cfg).to("cuda", dtype).eval()
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 512, n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths)
+    ids = rng.integers(3, 1000, int(offsets[-1])).astype(np.int32)
+    ids[offsets[:-1]] = 0
+    return ids, offsets
+
+
+def _hf(model, ids, offsets):
+    lengths = np.diff(offsets)
+    padded = torch.ones(len(lengths), int(lengths.max()), dtype=torch.long)
+    for i in range(len(lengths)):
+        padded[i, : lengths[i]] = torch.from_numpy(
+            ids[offsets[i] : offsets[i + 1]].astype(np.int64)
+        )
+    padded = padded.cuda()
+    with torch.inference_mode():
+        return model(input_ids=padded, attention_mask=padded != 1).logits.view(-1).float().cpu()
+
+
+@pytest.mark.skipif(not varlen_attention_available(), reason="no varlen_attn in this torch")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_matches_hf_padded(dtype):
+    model = _model(dtype)
+    ids, offsets = _batch(64)
+    enc = PackedEncoder(model)
+    assert enc.attention == "varlen"
+    got = enc.score(ids, offsets)
+    want = _hf(model, ids, offsets).numpy()
+    tol = 2e-2 if dtype == torch.float16 else 6e-2
+    np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+
+
+def test_sdpa_fp32_on_gpu_matches_hf_padded():
+    model = _model(torch.float32)
+    ids, offsets = _batch(32, seed=1)
+    got = PackedEncoder(model, attention="sdpa").score(ids, offsets)
+    np.testing.assert_allclose(got, _hf(model, ids, offsets).numpy(), atol=1e-3, rtol=0)
+
+
+def test_autotune_respects_a_memory_cap_and_backoff_keeps_rows(tmp_path):
+    model = _model(torch.float16)
+    enc = PackedEncoder(model)
+    free, total = torch.cuda.mem_get_info()
+    used = torch.cuda.memory_reserved()
+    try:
+        # about 1.5 GiB of room beyond what is already reserved: a 16 GB-class headroom
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (used + 1.5 * 2**30) / total))
+        budget = autotune_token_budget(
+            enc, model="tiny", dtype="float16", max_length=512, cache_path=tmp_path / "c.json"
+        )
+        assert 512 <= budget <= 65_536 and budget % 512 == 0
+        ids, offsets = _batch(400, seed=2)
+        tb = TokenBudget(budget * 64, 512)  # far too large: must back off on real OOM
+        (scores,) = score_microbatches(enc, [MicroBatch(ids, offsets)], tb)
+        assert tb.value < budget * 64
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    np.testing.assert_allclose(scores, enc.score(ids, offsets), atol=2e-2, rtol=0)
