@@ -166,7 +166,9 @@ def main() -> None:
         wall = time.time() - t0
         sampler.stop_event.set()
         sampler.join()
-        summary = internal_api.memory_summary(stats_only=True)
+        summary = internal_api.memory_summary(
+            address=ray.get_runtime_context().gcs_address, stats_only=True
+        )
         ray.shutdown()
 
         t = time.time()
