@@ -402,39 +402,48 @@ class Bench:
             include_dashboard=False,
             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
         )
+        runs = []
         try:
-            walls = self._run_jobs(root, path, small, large)
+            for batch_rows in [int(b) for b in self.args.job_batch_rows.split(",")]:
+                walls = self._run_jobs(root, path, small, large, batch_rows)
+                steady = (large - small) / (walls["large"] - walls["small"])
+                runs.append(
+                    {
+                        "gpus": torch.cuda.device_count(),
+                        "tokenize_actors": self.args.tokenize_actors,
+                        "batch_rows": batch_rows,
+                        "pairs_small": small,
+                        "pairs_large": large,
+                        "wall_small_s": round(walls["small"], 1),
+                        "wall_large_s": round(walls["large"], 1),
+                        "end_to_end_pairs_per_s": round(large / walls["large"], 1),
+                        "steady_pairs_per_s": round(steady, 1),
+                        "startup_s_estimate": round(walls["small"] - small / steady, 1),
+                        "input_generation_s": round(gen_s, 1),
+                    }
+                )
+                print("job", runs[-1], flush=True)
+                self.report["job"] = runs[0] if len(runs) == 1 else runs
+                self.save()
         finally:
             ray.shutdown()
-        steady = (large - small) / (walls["large"] - walls["small"])
-        self.report["job"] = {
-            "gpus": torch.cuda.device_count(),
-            "tokenize_actors": self.args.tokenize_actors,
-            "pairs_small": small,
-            "pairs_large": large,
-            "wall_small_s": round(walls["small"], 1),
-            "wall_large_s": round(walls["large"], 1),
-            "end_to_end_pairs_per_s": round(large / walls["large"], 1),
-            "steady_pairs_per_s": round(steady, 1),
-            "startup_s_estimate": round(walls["small"] - small / steady, 1),
-            "input_generation_s": round(gen_s, 1),
-        }
-        print("job", self.report["job"], flush=True)
-        self.save()
 
-    def _run_jobs(self, root: Path, path: str, small: int, large: int) -> dict[str, float]:
+    def _run_jobs(
+        self, root: Path, path: str, small: int, large: int, batch_rows: int
+    ) -> dict[str, float]:
         import rerank_ray
 
         walls = {}
         for name, n in (("small", small), ("large", large)):
             cfg = rerank_ray.JobConfig(
                 input=str(root / name),
-                output=str(root / f"out-{name}"),
+                output=str(root / f"out-{name}-{batch_rows}"),
                 model=path,
                 device="cuda",
                 dtype="float16",
                 tokenize_actors=self.args.tokenize_actors,
                 num_actors=torch.cuda.device_count(),
+                batch_rows=batch_rows,
             )
             t0 = time.perf_counter()
             manifest = rerank_ray.run(cfg)
@@ -555,6 +564,7 @@ def main(argv=None):
     p.add_argument("--job-pairs", type=int, default=500_000)
     p.add_argument("--job-small-pairs", type=int, default=5_000)
     p.add_argument("--tokenize-actors", type=int, default=12)
+    p.add_argument("--job-batch-rows", default="2048", help="Comma list: job runs per value.")
     p.add_argument("--compile", action="store_true", help="Also time the torch.compile variant.")
     args = p.parse_args(argv)
     args.budgets = [int(b) for b in args.budgets.split(",")]

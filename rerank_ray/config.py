@@ -92,6 +92,10 @@ class JobConfig:
         None, help="Value of the run_date partition (YYYY-MM-DD); default today (UTC)."
     )
     run_id: str | None = _f(None, help="Run id, part of every output file name; default generated.")
+    rows_per_file: int = _f(
+        200_000,
+        help="Rows a write task buffers per output file; also what a killed run may redo.",
+    )
 
     # ---------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -126,8 +130,10 @@ class JobConfig:
             raise ConfigError(
                 f"`min_actors` ({self.min_actors}) is larger than `max_actors` ({self.max_actors})."
             )
-        if self.tokenize_actors < 1 or self.batch_rows < 1:
-            raise ConfigError("`tokenize_actors` and `batch_rows` must be positive integers.")
+        if self.tokenize_actors < 1 or self.batch_rows < 1 or self.rows_per_file < 1:
+            raise ConfigError(
+                "`tokenize_actors`, `batch_rows` and `rows_per_file` must be positive integers."
+            )
         if self.token_budget is not None and self.token_budget < self.max_length:
             raise ConfigError(
                 f"`token_budget` ({self.token_budget}) is below `max_length` ({self.max_length}): "
@@ -250,6 +256,7 @@ _INT_FIELDS = {
     "tokenize_actors",
     "batch_rows",
     "token_budget",
+    "rows_per_file",
 }
 _LIST_FIELDS = {"keep_columns", "partition_by"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,6 @@ def run(
     Everything that can be checked before scoring is checked first, so bad input, bad
     credentials or an unwritable output fail in seconds, not after the model has loaded.
     """
-    import ray
 
     t0 = time.time()
     cfg = config.with_defaults_resolved()
@@ -57,20 +57,45 @@ def run(
         cfg.input,
         cfg.output,
     )
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    ds = build_dataset(cfg, plan, s3)
-    if transform is not None:
-        ds = transform(ds)
-    manifest_extra = {
-        "model": cfg.model,
-        "weights_sha256": fingerprint,
-        "input": cfg.input,
-        "output": cfg.output,
-        "input_files": len(plan.paths),
-        "config": _public_config(cfg),
-        "ray_version": ray.__version__,
-    }
+    lock = sink.lock_path(
+        storage.resolve(cfg.output, s3)[1], cfg.effective_run_date, cfg.partition_by
+    )
+    sink.acquire_lock(cfg.output, s3, cfg.run_id, lock)
+    try:
+        manifest = _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t0)
+    finally:
+        sink.release_lock(cfg.output, s3, cfg.run_id, lock)
+    print(summary_line(manifest), flush=True)
+    return manifest
+
+
+def cpus_needed(cfg: JobConfig, gpus: float = 0) -> int:
+    """Logical CPUs the job's actor pools hold (1 each), plus one for read tasks and one for
+    write tasks so that reading and writing stream alongside scoring."""
+    scorers = cfg.num_actors or cfg.min_actors or max(int(gpus), 1)
+    return cfg.tokenize_actors + scorers + 2
+
+
+def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t0):
+    """Resume what an earlier attempt of this run id staged, score the rest, commit."""
+    import ray
+
+    if transform is None and not source.has_own_path_column(plan):
+        resumed = sink.resume_state(cfg.output, s3, cfg.run_id, plan.rows_by_path())
+    else:
+        # Per-query transforms mix shards, so their partial work cannot be kept.
+        sink.discard_staging(cfg.output, s3, cfg.run_id)
+        resumed = sink.ResumeState(entries=[], done_sources=set())
+    todo = [p for p in plan.paths if p not in resumed.done_sources]
+    if resumed.done_sources:
+        log.info(
+            "resuming run %s: %d of %d shards (%d rows) already staged; scoring %d shard(s)",
+            cfg.run_id,
+            len(resumed.done_sources),
+            len(plan.paths),
+            resumed.rows,
+            len(todo),
+        )
     out = sink.RerankSink(
         output_uri=cfg.output,
         s3=s3,
@@ -78,20 +103,39 @@ def run(
         run_date=cfg.effective_run_date,
         partition_by=cfg.partition_by,
         expected_rows=plan.num_rows,
-        manifest_extra=manifest_extra,
+        manifest_extra={
+            "model": cfg.model,
+            "weights_sha256": fingerprint,
+            "input": cfg.input,
+            "output": cfg.output,
+            "input_files": len(plan.paths),
+            "config": _public_config(cfg),
+            "ray_version": ray.__version__,
+        },
         reject_columns=[cfg.column_map.get(c, c) for c in plan.schema.names],
         filtered_reasons=filtered_reasons,
+        resumed=resumed,
+        rows_per_file=cfg.rows_per_file,
     )
     out.started = t0
+    if not todo:
+        return out.commit([])
+    if not ray.is_initialized():
+        # A local instance gets at least the logical CPUs the job's actors need plus one for
+        # reading and writing; with fewer (e.g. on a 2-core machine) Ray waits for CPUs forever.
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)), log_to_driver=True)
+    ds = build_dataset(cfg, plan, s3, paths=todo)
+    if transform is not None:
+        ds = transform(ds)
     ds.write_datasink(out)
-    manifest = out.manifest
-    if manifest is None:
+    if out.manifest is None:
         raise RuntimeError("The write finished without committing a manifest.")
-    print(summary_line(manifest), flush=True)
-    return manifest
+    return out.manifest
 
 
-def build_dataset(cfg: JobConfig, plan: source.SourcePlan, s3: storage.S3Settings):
+def build_dataset(
+    cfg: JobConfig, plan: source.SourcePlan, s3: storage.S3Settings, paths: list[str] | None = None
+):
     """The lazy Dataset graph: read -> tokenize (CPU actors) -> score (GPU/CPU actors)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -108,6 +152,19 @@ def build_dataset(cfg: JobConfig, plan: source.SourcePlan, s3: storage.S3Setting
     else:
         size = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
         pool = ActorPoolStrategy(size=size)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    needed = cpus_needed(cfg, gpus if use_gpu else 0)
+    if cpus < needed:
+        # Not an error: an autoscaling cluster may still add the nodes.
+        log.warning(
+            "The Ray cluster has %g CPUs now, but this job's actors need %d (%d tokenize "
+            "actor(s) + the scoring actors, 1 CPU each, + 2 for reading and writing). Unless "
+            "the cluster autoscales, lower --tokenize-actors / --num-actors or add CPUs: the "
+            "job waits until the resources exist.",
+            cpus,
+            needed,
+            cfg.tokenize_actors,
+        )
     model_ref = cfg.model  # each node resolves it itself (s3:// is downloaded once per node)
     keep = set(cfg.keep_columns) if cfg.keep_columns is not None else None
     drop = tuple(
@@ -120,7 +177,7 @@ def build_dataset(cfg: JobConfig, plan: source.SourcePlan, s3: storage.S3Setting
         for c in plan.schema.names
         if keep is not None and c not in keep and c not in cfg.column_map
     ]
-    ds = source.read_dataset(plan, cfg)
+    ds = source.read_dataset(plan, cfg, paths)
     if extra_drop:
         ds = ds.drop_columns(extra_drop)
     ds = ds.map_batches(
@@ -181,6 +238,7 @@ class _ResolvedScore:
             device=cfg.device,
             dtype=cfg.dtype,
             token_budget=cfg.token_budget,
+            max_length=cfg.max_length,
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
         )

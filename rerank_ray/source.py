@@ -39,6 +39,10 @@ class SourcePlan:
     format: str
     num_rows: int
     schema: pa.Schema  # input columns as read, before renaming
+    rows_per_file: tuple[int, ...] = ()
+
+    def rows_by_path(self) -> dict[str, int]:
+        return dict(zip(self.paths, self.rows_per_file, strict=True))
 
     def display(self, path: str) -> str:
         """A path as the user wrote it (s3://bucket/key or a local path)."""
@@ -56,6 +60,7 @@ def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
         infos = list(pool.map(lambda p: readers[fmt](fs, p, cfg.input), paths))
     first_schema = None
     total = 0
+    counts = []
     for path, (file_schema, rows) in zip(paths, infos, strict=True):
         shown = f"s3://{path}" if storage.is_s3(cfg.input) else path
         missing = [c for c in required if c not in file_schema.names]
@@ -68,6 +73,7 @@ def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
         if first_schema is None:
             first_schema = file_schema
         total += rows
+        counts.append(rows)
     partition_cols = [c for c in cfg.partition_by if c != schema.RUN_DATE]
     canonical = [cfg.column_map.get(n, n) for n in first_schema.names]
     for col in partition_cols:
@@ -90,24 +96,49 @@ def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
         format=fmt,
         num_rows=total,
         schema=first_schema,
+        rows_per_file=tuple(counts),
     )
 
 
-def read_dataset(plan: SourcePlan, cfg: JobConfig):
-    """The lazy Ray Dataset of the input, with canonical column names."""
+def read_dataset(plan: SourcePlan, cfg: JobConfig, paths: list[str] | None = None):
+    """The lazy Ray Dataset of the input (or of ``paths``), with canonical column names.
+
+    Each row carries the file it came from in a ``path`` column (Ray's ``include_paths``),
+    so the sink can tell which shards are complete; when the input has a ``path`` column of
+    its own, that tracking (and with it resume) is off.
+    """
     import ray.data
 
-    columns = list(plan.schema.names)
+    paths = list(plan.paths if paths is None else paths)
+    include_paths = not has_own_path_column(plan)
     if plan.format == "parquet":
         ds = ray.data.read_parquet(
-            list(plan.paths), filesystem=plan.filesystem, columns=columns, file_extensions=None
+            paths,
+            filesystem=plan.filesystem,
+            columns=list(plan.schema.names),
+            file_extensions=None,
+            include_paths=include_paths,
+            # At least one block per shard: shards then flow (and finish) one by one, which
+            # keeps the pipeline streaming and lets a killed run keep its finished shards.
+            override_num_blocks=len(paths),
         )
     else:
-        ds = ray.data.read_json(list(plan.paths), filesystem=plan.filesystem, file_extensions=None)
+        ds = ray.data.read_json(
+            paths,
+            filesystem=plan.filesystem,
+            file_extensions=None,
+            include_paths=include_paths,
+            override_num_blocks=len(paths),
+        )
     renames = {k: v for k, v in cfg.column_map.items() if k != v}
     if renames:
         ds = ds.rename_columns(renames)
     return ds
+
+
+def has_own_path_column(plan: SourcePlan) -> bool:
+    """Whether the input itself has a ``path`` column (then Ray's source tracking is off)."""
+    return "path" in plan.schema.names
 
 
 def _flag_for(cfg: JobConfig, column: str) -> str:
