@@ -72,6 +72,11 @@ class JobConfig:
         False, help="Allow loading pickle (.bin) weights when no safetensors exist. Unsafe."
     )
     trust_remote_code: bool = _f(False, help="Run model code from the model repository. Unsafe.")
+    fast_gelu: bool = _f(
+        False,
+        help="GPU only: fuse a tanh-approximated GELU into the feed-forward matmul (~7% faster "
+        "on H200; logits move by up to ~2e-3 from the exact GELU).",
+    )
     # --- scale ----------------------------------------------------------------------------
     device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
     num_actors: int | None = _f(
@@ -246,7 +251,7 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}.")
 
 
-_BOOL_FIELDS = {"s3_verify_tls", "allow_pickle_weights", "trust_remote_code"}
+_BOOL_FIELDS = {"s3_verify_tls", "allow_pickle_weights", "trust_remote_code", "fast_gelu"}
 _INT_FIELDS = {
     "max_length",
     "query_max_length",

@@ -239,6 +239,7 @@ class _ResolvedScore:
             dtype=cfg.dtype,
             token_budget=cfg.token_budget,
             max_length=cfg.max_length,
+            fast_gelu=cfg.fast_gelu,
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
         )
