@@ -39,13 +39,11 @@ def shards() -> list[pa.Table]:
     return [table.slice(0, 30), pa.concat_tables([table.slice(30), duplicate, empty])]
 
 
-def job(bucket: str, model_dir, output) -> JobConfig:
-    # Input from the S3 server; output on local disk, because pyarrow's multipart upload to
-    # moto_server fails at the sink's write probe today (CompleteMultipartUpload
-    # INTERNAL_FAILURE), which is the foundation's to fix, not the modes'.
+def job(bucket: str, model_dir, name: str) -> JobConfig:
+    """Input and output both on the S3 test server."""
     return JobConfig(
         input=f"s3://{bucket}/in/",
-        output=str(output),
+        output=f"s3://{bucket}/{name}/",
         model=str(model_dir),
         device="cpu",
         num_actors=1,
@@ -70,13 +68,13 @@ def read_bytes(cfg: JobConfig, relative: str) -> bytes:
 def scored_reference(ray_local, bucket, tiny_model_dir, tmp_path):
     for i, shard in enumerate(shards()):
         upload_table(bucket, f"in/part-{i}.parquet", shard)
-    plain = job(bucket, tiny_model_dir, tmp_path / "plain")
+    plain = job(bucket, tiny_model_dir, "plain")
     pipeline.run(plain)
     return read(plain).drop_columns(["run_date"])
 
 
 def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, tmp_path):
-    cfg = job(bucket, tiny_model_dir, tmp_path / "nightly")
+    cfg = job(bucket, tiny_model_dir, "nightly")
     mode = NightlyConfig(top_k=3)
     report = run_nightly(cfg, mode)
 
@@ -113,7 +111,7 @@ def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, t
 
 
 def test_labeling_exports(scored_reference, bucket, tiny_model_dir, tmp_path):
-    cfg = job(bucket, tiny_model_dir, tmp_path / "labels")
+    cfg = job(bucket, tiny_model_dir, "labels")
     mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
     report = run_labeling(cfg, mode)
 
@@ -138,6 +136,18 @@ def test_labeling_exports(scored_reference, bucket, tiny_model_dir, tmp_path):
     )
     assert distill.column_names == ["query", "passage", "score"]
     assert distill.num_rows == scored_reference.num_rows - 1  # the duplicate pair, once
+    # sentence-transformers reads training data through `datasets`: load both exports so.
+    from datasets import load_dataset
+
+    for name, columns in (
+        ("triplets_parquet", ["query", "positive", "negative"]),
+        ("distillation_parquet", ["query", "passage", "score"]),
+    ):
+        local = tmp_path / f"{name}.parquet"
+        local.write_bytes(read_bytes(cfg, report["exports"][name]["path"]))
+        loaded = load_dataset("parquet", data_files=str(local), split="train")
+        assert loaded.column_names == columns
+        assert loaded.num_rows == report["exports"][name]["rows"]
     png = read_bytes(cfg, report["exports"]["score_histogram_png"]["path"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(report["score_report"]["histogram"]["counts"]) == distill.num_rows
