@@ -205,13 +205,7 @@ class JobConfig:
         valid = cls.field_names()
         normalized: dict[str, Any] = {}
         for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-                hint = f" Did you mean `{close[0]}`?" if close else ""
-                raise ConfigError(
-                    f"Unknown key `{key}` in {source}.{hint} Valid keys: {', '.join(valid)}."
-                )
+            name = known_key(key, valid, source)
             normalized[name] = _coerce(name, value, source)
         for f in fields(cls):
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -234,6 +228,16 @@ class JobConfig:
         merged = {str(k).replace("-", "_"): v for k, v in data.items()}
         merged.update(overrides or {})
         return cls.from_dict(merged, source=str(path))
+
+
+def known_key(key: Any, valid: list[str], source: str) -> str:
+    """``key`` as a field name (``-`` read as ``_``); unknown keys name the closest valid one."""
+    name = str(key).replace("-", "_")
+    if name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(f"Unknown key `{key}` in {source}.{hint} Valid keys: {', '.join(valid)}.")
+    return name
 
 
 def new_run_id() -> str:

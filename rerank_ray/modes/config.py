@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from rerank_ray.config import ConfigError
+from rerank_ray.config import ConfigError, known_key
 
 FIRST_STAGE_CHOICES = ("auto", "retrieval_rank", "retrieval_score", "none")
 LABEL_SOURCES = ("threshold", "given")
@@ -152,13 +151,7 @@ def mode_config_from_dict(
     valid = [f.name for f in fields(cls)]
     normalized: dict[str, Any] = {}
     for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-            hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise ConfigError(
-                f"Unknown key `{key}` in {source}.{hint} Valid keys: {', '.join(valid)}."
-            )
+        name = known_key(key, valid, source)
         normalized[name] = _coerce(cls, name, value, source)
     return cls(**normalized)
 
