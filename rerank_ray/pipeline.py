@@ -76,6 +76,23 @@ def cpus_needed(cfg: JobConfig, gpus: float = 0) -> int:
     return cfg.tokenize_actors + scorers + 2
 
 
+def _init_ray(cfg: JobConfig) -> None:
+    """Join the cluster the environment names (``ray job submit``, RAY_ADDRESS, a local
+    ``ray start``), else start a local instance with at least the logical CPUs the job's
+    actors need; with fewer (e.g. on a 2-core machine) Ray would wait for CPUs forever."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    try:
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)), log_to_driver=True)
+    except ValueError as err:
+        if "existing cluster" not in str(err):
+            raise
+        ray.init(log_to_driver=True)  # found a cluster started with `ray start` here
+
+
 def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t0):
     """Resume what an earlier attempt of this run id staged, score the rest, commit."""
     import ray
@@ -121,9 +138,7 @@ def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t
     if not todo:
         return out.commit([])
     if not ray.is_initialized():
-        # A local instance gets at least the logical CPUs the job's actors need plus one for
-        # reading and writing; with fewer (e.g. on a 2-core machine) Ray waits for CPUs forever.
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)), log_to_driver=True)
+        _init_ray(cfg)
     ds = build_dataset(cfg, plan, s3, paths=todo)
     if transform is not None:
         ds = transform(ds)
