@@ -80,26 +80,39 @@ def _find(haystack: list[int], needle: list[int], start: int) -> int:
     return -1
 
 
-def classify_rows(table: pa.Table) -> list[str | None]:
-    """Reject reason per row (``None`` = scorable), in the order ids, query, doc."""
-    n = table.num_rows
-    reasons: list[str | None] = [None] * n
+_REASONS = {
+    schema.QUERY: (
+        RejectReason.NULL_QUERY,
+        RejectReason.NOT_STRING_QUERY,
+        RejectReason.EMPTY_QUERY,
+    ),
+    schema.DOC: (RejectReason.NULL_DOC, RejectReason.NOT_STRING_DOC, RejectReason.EMPTY_DOC),
+}
+
+
+def classify_rows(table: pa.Table, texts: dict[str, list] | None = None) -> list[str | None]:
+    """Reject reason per row (``None`` = scorable), in the order ids, query, doc.
+
+    ``texts`` may hold the query and doc columns already converted to Python lists, so the
+    caller, which needs them for tokenizing too, converts them only once.
+    """
+    if texts is None:
+        texts = {c: table[c].to_pylist() for c in schema.TEXT_COLUMNS}
     null_id = pc.or_(pc.is_null(table[schema.QUERY_ID]), pc.is_null(table[schema.DOC_ID]))
-    checks = [(schema.QUERY, "query"), (schema.DOC, "doc")]
-    for i, bad in enumerate(null_id.to_pylist()):
-        if bad:
-            reasons[i] = RejectReason.NULL_ID
-    for column, kind in checks:
-        values = table[column].to_pylist()
-        for i, value in enumerate(values):
+    reasons: list[str | None] = [
+        RejectReason.NULL_ID if bad else None for bad in null_id.to_pylist()
+    ]
+    for column in schema.TEXT_COLUMNS:
+        null, not_string, empty = _REASONS[column]
+        for i, value in enumerate(texts[column]):
             if reasons[i] is not None:
                 continue
             if value is None:
-                reasons[i] = getattr(RejectReason, f"NULL_{kind.upper()}")
+                reasons[i] = null
             elif not isinstance(value, str):
-                reasons[i] = getattr(RejectReason, f"NOT_STRING_{kind.upper()}")
+                reasons[i] = not_string
             elif not value.strip():
-                reasons[i] = getattr(RejectReason, f"EMPTY_{kind.upper()}")
+                reasons[i] = empty
     return reasons
 
 
@@ -138,11 +151,12 @@ class TokenizeStage:
         self.with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        reasons = classify_rows(batch)
+        texts = {c: batch[c].to_pylist() for c in schema.TEXT_COLUMNS}
+        reasons = classify_rows(batch, texts)
         ok = [i for i, r in enumerate(reasons) if r is None]
         ids, types, lengths, truncated = self.encode(
-            [batch[schema.QUERY][i].as_py() for i in ok] if ok else [],
-            [batch[schema.DOC][i].as_py() for i in ok] if ok else [],
+            [texts[schema.QUERY][i] for i in ok],
+            [texts[schema.DOC][i] for i in ok],
         )
         n = batch.num_rows
         all_lengths = np.zeros(n, dtype=np.int32)
