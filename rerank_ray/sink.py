@@ -152,7 +152,7 @@ def acquire_lock(output_uri: str, s3: storage.S3Settings, run_id: str, path: str
     holder = _read_lock(output_uri, s3, path)
     if holder.get("run_id") == run_id:
         return  # resuming our own run after it was killed
-    shown = f"s3://{path}" if storage.is_s3(output_uri) else path
+    shown = storage.display(output_uri, path)
     raise ConcurrentRunError(
         f"Output {output_uri} is being written by run {holder.get('run_id')} (started "
         f"{holder.get('started')} on {holder.get('host')}), which holds the lock {shown}. "

@@ -44,10 +44,6 @@ class SourcePlan:
     def rows_by_path(self) -> dict[str, int]:
         return dict(zip(self.paths, self.rows_per_file, strict=True))
 
-    def display(self, path: str) -> str:
-        """A path as the user wrote it (s3://bucket/key or a local path)."""
-        return f"s3://{path}" if storage.is_s3(self.uri) else path
-
 
 def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
     """List the input shards and check each one's columns; raise ``InputError`` if unusable."""
@@ -62,7 +58,7 @@ def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
     total = 0
     counts = []
     for path, (file_schema, rows) in zip(paths, infos, strict=True):
-        shown = f"s3://{path}" if storage.is_s3(cfg.input) else path
+        shown = storage.display(cfg.input, path)
         missing = [c for c in required if c not in file_schema.names]
         if missing:
             raise InputError(
@@ -203,7 +199,7 @@ def _format_of(cfg: JobConfig, paths: list[str]) -> str:
 
 
 def _parquet_schema(fs: pafs.FileSystem, path: str, uri: str) -> tuple[pa.Schema, int]:
-    shown = f"s3://{path}" if storage.is_s3(uri) else path
+    shown = storage.display(uri, path)
     try:
         with fs.open_input_file(path) as fh:
             meta = pq.ParquetFile(fh).metadata
@@ -217,7 +213,7 @@ def _parquet_schema(fs: pafs.FileSystem, path: str, uri: str) -> tuple[pa.Schema
 
 
 def _jsonl_schema(fs: pafs.FileSystem, path: str, uri: str) -> tuple[pa.Schema, int]:
-    shown = f"s3://{path}" if storage.is_s3(uri) else path
+    shown = storage.display(uri, path)
     try:
         with fs.open_input_stream(path, compression="detect") as fh:
             table = pajson.read_json(fh)

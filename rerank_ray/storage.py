@@ -102,6 +102,11 @@ def resolve(uri: str, s3: S3Settings) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
 
+def display(uri: str, path: str) -> str:
+    """A filesystem path as the user wrote its location: ``s3://bucket/key`` or local."""
+    return f"s3://{path}" if is_s3(uri) else path
+
+
 def join(base: str, *parts: str) -> str:
     """Join path parts with '/', for both local and S3 paths."""
     out = base.rstrip("/")
