@@ -125,7 +125,12 @@ def _scenario_main(scenario: dict) -> None:
     cluster.connect()
     # Small blocks, so the tokenizer's output reaches the scoring pool as many bundles and
     # every scoring actor gets work (a small input is otherwise read as one block).
-    DataContext.get_current().target_max_block_size = 64 * 1024
+    ctx = DataContext.get_current()
+    ctx.target_max_block_size = 64 * 1024
+    # Dispatch no work until every pool actor is up. Ray Data otherwise starts actors
+    # asynchronously, and on a loaded 2-core machine the first scoring actor can finish this
+    # small input before the second one has imported torch (seen in CI: one actor, one node).
+    ctx.wait_for_min_actors_s = 240
     result: dict = {"scorer_nodes": {}, "worker_nodes": [w.node_id for w in workers]}
     stop = threading.Event()
     finished = threading.Event()
