@@ -404,14 +404,20 @@ class Bench:
         )
         runs = []
         try:
-            for batch_rows in [int(b) for b in self.args.job_batch_rows.split(",")]:
-                walls = self._run_jobs(root, path, small, large, batch_rows)
+            variants = [
+                (int(b), int(c))
+                for b in self.args.job_batch_rows.split(",")
+                for c in self.args.job_scorer_calls.split(",")
+            ]
+            for batch_rows, calls in variants:
+                walls = self._run_jobs(root, path, small, large, batch_rows, calls)
                 steady = (large - small) / (walls["large"] - walls["small"])
                 runs.append(
                     {
                         "gpus": torch.cuda.device_count(),
                         "tokenize_actors": self.args.tokenize_actors,
                         "batch_rows": batch_rows,
+                        "scorer_calls": calls,
                         "pairs_small": small,
                         "pairs_large": large,
                         "wall_small_s": round(walls["small"], 1),
@@ -429,7 +435,7 @@ class Bench:
             ray.shutdown()
 
     def _run_jobs(
-        self, root: Path, path: str, small: int, large: int, batch_rows: int
+        self, root: Path, path: str, small: int, large: int, batch_rows: int, calls: int
     ) -> dict[str, float]:
         import rerank_ray
 
@@ -437,13 +443,15 @@ class Bench:
         for name, n in (("small", small), ("large", large)):
             cfg = rerank_ray.JobConfig(
                 input=str(root / name),
-                output=str(root / f"out-{name}-{batch_rows}"),
+                output=str(root / f"out-{name}-{batch_rows}-{calls}"),
                 model=path,
                 device="cuda",
                 dtype="float16",
                 tokenize_actors=self.args.tokenize_actors,
                 num_actors=torch.cuda.device_count(),
                 batch_rows=batch_rows,
+                scorer_calls=calls,
+                fast_gelu=self.args.job_fast_gelu,
             )
             t0 = time.perf_counter()
             manifest = rerank_ray.run(cfg)
@@ -565,6 +573,10 @@ def main(argv=None):
     p.add_argument("--job-small-pairs", type=int, default=5_000)
     p.add_argument("--tokenize-actors", type=int, default=12)
     p.add_argument("--job-batch-rows", default="2048", help="Comma list: job runs per value.")
+    p.add_argument(
+        "--job-scorer-calls", default="2", help="Comma list of scorer_calls: job runs per value."
+    )
+    p.add_argument("--job-fast-gelu", action="store_true", help="Job runs with --fast-gelu.")
     p.add_argument("--compile", action="store_true", help="Also time the torch.compile variant.")
     args = p.parse_args(argv)
     args.budgets = [int(b) for b in args.budgets.split(",")]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -89,17 +90,19 @@ class TokenBudget:
             )
         self.value = int(value)
         self.floor = int(floor)
+        self._lock = threading.Lock()  # a scoring actor may run calls in several threads
 
     def halve(self, cause: BaseException | None = None) -> int:
         """Halve the budget, or raise ``BudgetExhaustedError`` when that would go below the floor."""
-        if self.value // 2 < self.floor:
-            raise BudgetExhaustedError(
-                f"CUDA ran out of memory at a token budget of {self.value}, and half of it is "
-                f"below the floor {self.floor} (max_length). Free GPU memory (other processes, "
-                "a smaller model or dtype) or lower max_length."
-            ) from cause
-        self.value //= 2
-        return self.value
+        with self._lock:
+            if self.value // 2 < self.floor:
+                raise BudgetExhaustedError(
+                    f"CUDA ran out of memory at a token budget of {self.value}, and half of it "
+                    f"is below the floor {self.floor} (max_length). Free GPU memory (other "
+                    "processes, a smaller model or dtype) or lower max_length."
+                ) from cause
+            self.value //= 2
+            return self.value
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:
@@ -242,9 +245,11 @@ def autotune_token_budget(
     headroom: float = 0.85,
     max_budget: int = DEFAULT_MAX_BUDGET,
     probe_token_id: int = 5,
+    concurrent: int = 1,
 ) -> int:
     """Largest token budget (a multiple of ``max_length``, at most ``max_budget``) whose forward
-    pass fits in ``headroom`` of the GPU memory free now.
+    pass fits in ``headroom`` of the GPU memory free now; with ``concurrent`` forward passes in
+    flight at once (threads of one actor), that many must fit together.
 
     Activation memory grows linearly with the budget: two probes of full ``max_length`` rows
     give its slope and intercept, the free memory gives the budget, and one run at that budget
@@ -255,7 +260,11 @@ def autotune_token_budget(
     device = torch.device(device if device is not None else "cuda")
     if device.index is None:  # the memory queries below need an explicit index
         device = torch.device("cuda", torch.cuda.current_device())
+    if concurrent < 1:
+        raise ValueError(f"concurrent must be at least 1, got {concurrent}.")
     key = budget_cache_key(torch.cuda.get_device_name(device), model, dtype, max_length)
+    if concurrent > 1:
+        key += f"|x{concurrent}"
     if cache_path is not None and (cached := read_cached_budget(cache_path, key)) is not None:
         return cached
     if max_budget < max_length:
@@ -278,7 +287,7 @@ def autotune_token_budget(
         ) from exc
     per_token = max((p_large - p_small) / (large - small), 1.0)
     fixed = max(p_small - per_token * small, 0.0)
-    fits = int((free * headroom - fixed) / per_token) // max_length * max_length
+    fits = int((free * headroom / concurrent - fixed) / per_token) // max_length * max_length
     budget.value = max(min(fits, budget.value), max_length)
     while True:  # confirm at full size; the estimate can miss fragmentation or caps
         try:

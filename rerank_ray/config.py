@@ -86,6 +86,11 @@ class JobConfig:
     max_actors: int | None = _f(None, help="Autoscaling pool maximum (with min_actors).")
     tokenize_actors: int = _f(2, help="Tokenizer actors (CPU) feeding the scoring pool.")
     batch_rows: int = _f(2048, help="Rows per batch handed to each stage.")
+    scorer_calls: int = _f(
+        2,
+        help="GPU: blocks each scoring actor works on at once, so the next block is fetched "
+        "and prepared while this one's forward passes run; 1 = one block at a time.",
+    )
     token_budget: int | None = _f(
         None, help="Max tokens (padded) per forward pass; default: autotuned on GPU, 8192 on CPU."
     )
@@ -135,9 +140,15 @@ class JobConfig:
             raise ConfigError(
                 f"`min_actors` ({self.min_actors}) is larger than `max_actors` ({self.max_actors})."
             )
-        if self.tokenize_actors < 1 or self.batch_rows < 1 or self.rows_per_file < 1:
+        if (
+            self.tokenize_actors < 1
+            or self.batch_rows < 1
+            or self.rows_per_file < 1
+            or self.scorer_calls < 1
+        ):
             raise ConfigError(
-                "`tokenize_actors`, `batch_rows` and `rows_per_file` must be positive integers."
+                "`tokenize_actors`, `batch_rows`, `rows_per_file` and `scorer_calls` must be "
+                "positive integers."
             )
         if self.token_budget is not None and self.token_budget < self.max_length:
             raise ConfigError(
@@ -264,6 +275,7 @@ _INT_FIELDS = {
     "max_actors",
     "tokenize_actors",
     "batch_rows",
+    "scorer_calls",
     "token_budget",
     "rows_per_file",
 }

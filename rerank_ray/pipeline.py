@@ -162,11 +162,22 @@ def build_dataset(
             "--device cuda was asked for but the Ray cluster has no GPUs; add GPU nodes or "
             "use --device cpu."
         )
+    # On a GPU, a scoring actor runs `scorer_calls` blocks at once in threads: one block's
+    # forward passes are queued on the GPU while the next block is fetched, sorted and staged
+    # and the last one's scores go back to Ray, so the GPU does not idle between blocks. All
+    # calls share the actor's CUDA stream, hence the GPU still runs one forward at a time. On
+    # a CPU, the calls would only compete for the same cores: one at a time.
+    calls = cfg.scorer_calls if use_gpu else 1
+    threads = (
+        {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True}
+        if calls > 1
+        else {}
+    )
     if cfg.min_actors is not None:
-        pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors)
+        pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors, **threads)
     else:
         size = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
-        pool = ActorPoolStrategy(size=size)
+        pool = ActorPoolStrategy(size=size, **threads)
     cpus = ray.cluster_resources().get("CPU", 0)
     needed = cpus_needed(cfg, gpus if use_gpu else 0)
     if cpus < needed:
@@ -211,7 +222,7 @@ def build_dataset(
     )
     ds = ds.map_batches(
         _ResolvedScore,
-        fn_constructor_kwargs={"model": model_ref, "s3": s3, "cfg": cfg},
+        fn_constructor_kwargs={"model": model_ref, "s3": s3, "cfg": cfg, "calls": calls},
         batch_size=cfg.batch_rows,
         batch_format="pyarrow",
         compute=pool,
@@ -244,7 +255,7 @@ class _ResolvedTokenize:
 class _ResolvedScore:
     """ScoreStage with the model resolved on the node it runs on."""
 
-    def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig):
+    def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig, calls: int = 1):
         from rerank_ray.scorer import ScoreStage
 
         local = _resolve_on_node(model, s3, cfg)
@@ -255,6 +266,7 @@ class _ResolvedScore:
             token_budget=cfg.token_budget,
             max_length=cfg.max_length,
             fast_gelu=cfg.fast_gelu,
+            concurrent_calls=calls,
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
         )

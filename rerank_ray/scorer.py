@@ -34,7 +34,10 @@ class ScoreStage:
         trust_remote_code: bool = False,
         max_length: int = 512,
         fast_gelu: bool = False,
+        concurrent_calls: int = 1,
     ) -> None:
+        """``concurrent_calls``: how many ``__call__`` may run at once in threads (the job's
+        ``scorer_calls``); the autotuned budget leaves memory for that many forward passes."""
         from rerank_ray.encoder import SUPPORTED_MODEL_TYPES, PackedEncoder
         from rerank_ray.model import PaddedRunner, load_cross_encoder, pick_device, pick_dtype
 
@@ -61,6 +64,7 @@ class ScoreStage:
                 model=str(model_dir),
                 dtype=str(self.dtype).removeprefix("torch."),
                 max_length=max_length,
+                concurrent=concurrent_calls,
             )
         # Halved on CUDA OOM (autotune.score_microbatches), never below one full pair.
         self.budget = TokenBudget(token_budget or CPU_TOKEN_BUDGET, floor=max_length)

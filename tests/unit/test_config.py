@@ -32,6 +32,7 @@ def test_defaults_follow_flagreranker():
         ({"run_date": "21/11/2026"}, "YYYY-MM-DD"),
         ({"run_id": "../escape"}, "run_id"),
         ({"query_column": "doc"}, "must differ"),
+        ({"scorer_calls": 0}, "scorer_calls"),
     ],
 )
 def test_invalid_values_are_named(bad, match):

@@ -76,3 +76,32 @@ def test_rejected_rows_get_null_scores(tiny_model_dir):
     scores = out[schema.SCORE].to_pylist()
     assert scores[2] is None and all(s is not None for i, s in enumerate(scores) if i != 2)
     assert out[schema.REJECT_REASON].to_pylist()[2] == "empty_doc"
+
+
+def test_concurrent_calls_of_one_stage_equal_one_at_a_time(tiny_model_dir):
+    """The job runs several calls of one scoring actor at once in threads (``scorer_calls``):
+    each call's scores must be those of the same block scored alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blocks = [sample_pairs(30 + 7 * i, seed=i) for i in range(6)]
+    tokenize = TokenizeStage(str(tiny_model_dir), 512, 384)
+    tables = [
+        tokenize(
+            pa.table(
+                {
+                    "query_id": [f"q{i}" for i in range(len(b))],
+                    "query": [q for q, _ in b],
+                    "doc_id": [f"d{i}" for i in range(len(b))],
+                    "doc": [d for _, d in b],
+                }
+            )
+        )
+        for b in blocks
+    ]
+    stage = ScoreStage(str(tiny_model_dir), device="cpu", token_budget=600, concurrent_calls=3)
+    alone = [stage(t)[schema.SCORE].to_numpy() for t in tables]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(stage, tables * 3))
+    for i, out in enumerate(together):
+        np.testing.assert_array_equal(out[schema.SCORE].to_numpy(), alone[i % len(tables)])
+        assert out["doc_id"].to_pylist() == tables[i % len(tables)]["doc_id"].to_pylist()
