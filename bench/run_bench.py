@@ -397,27 +397,32 @@ class Bench:
         gen_s = time.perf_counter() - t0
         repo = str(Path(__file__).resolve().parent.parent)
         pythonpath = ":".join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        trace_dir = root / "trace"
         ray.init(
             num_gpus=torch.cuda.device_count(),
             include_dashboard=False,
-            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            runtime_env={
+                "env_vars": {"PYTHONPATH": pythonpath, "RERANK_RAY_TRACE_DIR": str(trace_dir)}
+            },
         )
         runs = []
         try:
             variants = [
-                (int(b), int(c))
+                (int(b), int(c), int(t))
                 for b in self.args.job_batch_rows.split(",")
                 for c in self.args.job_scorer_calls.split(",")
+                for t in str(self.args.tokenize_actors).split(",")
             ]
-            for batch_rows, calls in variants:
-                walls = self._run_jobs(root, path, small, large, batch_rows, calls)
+            for batch_rows, calls, tok in variants:
+                walls = self._run_jobs(root, path, small, large, batch_rows, calls, tok)
                 steady = (large - small) / (walls["large"] - walls["small"])
                 runs.append(
                     {
                         "gpus": torch.cuda.device_count(),
-                        "tokenize_actors": self.args.tokenize_actors,
+                        "tokenize_actors": tok,
                         "batch_rows": batch_rows,
                         "scorer_calls": calls,
+                        "stages_in_large_run": trace_summary(trace_dir, walls["large_start"]),
                         "pairs_small": small,
                         "pairs_large": large,
                         "wall_small_s": round(walls["small"], 1),
@@ -435,7 +440,14 @@ class Bench:
             ray.shutdown()
 
     def _run_jobs(
-        self, root: Path, path: str, small: int, large: int, batch_rows: int, calls: int
+        self,
+        root: Path,
+        path: str,
+        small: int,
+        large: int,
+        batch_rows: int,
+        calls: int,
+        tokenize_actors: int,
     ) -> dict[str, float]:
         import rerank_ray
 
@@ -443,16 +455,17 @@ class Bench:
         for name, n in (("small", small), ("large", large)):
             cfg = rerank_ray.JobConfig(
                 input=str(root / name),
-                output=str(root / f"out-{name}-{batch_rows}-{calls}"),
+                output=str(root / f"out-{name}-{batch_rows}-{calls}-{tokenize_actors}"),
                 model=path,
                 device="cuda",
                 dtype="float16",
-                tokenize_actors=self.args.tokenize_actors,
+                tokenize_actors=tokenize_actors,
                 num_actors=torch.cuda.device_count(),
                 batch_rows=batch_rows,
                 scorer_calls=calls,
                 fast_gelu=self.args.job_fast_gelu,
             )
+            walls[f"{name}_start"] = time.time()
             t0 = time.perf_counter()
             manifest = rerank_ray.run(cfg)
             walls[name] = time.perf_counter() - t0
@@ -556,6 +569,43 @@ class Bench:
         fig.savefig(self.out / "bench.png", dpi=110)
 
 
+def trace_summary(trace_dir: Path, since: float) -> dict:
+    """Per stage, from the actors' call traces (rerank_ray.pipeline._CallTrace) of one run:
+    calls, rows, the span from first call start to last call end, the time some call of the
+    stage was running (union over actors and threads), and rows per second of that time."""
+    calls: dict[str, list[dict]] = {}
+    for file in Path(trace_dir).glob("*.jsonl"):
+        for line in file.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["start"] >= since:
+                calls.setdefault(rec["stage"], []).append(rec)
+    out = {}
+    for stage, recs in calls.items():
+        recs.sort(key=lambda r: r["start"])
+        busy, cur_s, cur_e = 0.0, None, None
+        for r in recs:
+            if cur_e is None or r["start"] > cur_e:
+                busy += (cur_e - cur_s) if cur_e is not None else 0.0
+                cur_s, cur_e = r["start"], r["end"]
+            else:
+                cur_e = max(cur_e, r["end"])
+        busy += cur_e - cur_s
+        span = max(r["end"] for r in recs) - recs[0]["start"]
+        rows = sum(r["rows"] for r in recs)
+        out[stage] = {
+            "actors": len({r["pid"] for r in recs}),
+            "calls": len(recs),
+            "rows": rows,
+            "first_call_after_s": round(recs[0]["start"] - since, 1),
+            "span_s": round(span, 1),
+            "busy_s": round(busy, 1),
+            "busy_fraction": round(busy / span, 3) if span else None,
+            "call_seconds_sum": round(sum(r["end"] - r["start"] for r in recs), 1),
+            "rows_per_busy_s": round(rows / busy, 1) if busy else None,
+        }
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="Folder for bench.json and bench.png.")
@@ -571,7 +621,7 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--job-pairs", type=int, default=500_000)
     p.add_argument("--job-small-pairs", type=int, default=5_000)
-    p.add_argument("--tokenize-actors", type=int, default=12)
+    p.add_argument("--tokenize-actors", default="12", help="Comma list: job runs per value.")
     p.add_argument("--job-batch-rows", default="2048", help="Comma list: job runs per value.")
     p.add_argument(
         "--job-scorer-calls", default="2", help="Comma list of scorer_calls: job runs per value."

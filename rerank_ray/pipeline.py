@@ -233,12 +233,54 @@ def build_dataset(
     return ds
 
 
+TRACE_ENV = "RERANK_RAY_TRACE_DIR"
+
+
+class _CallTrace:
+    """Per-call timings of a stage, for finding where a job's time goes.
+
+    With ``RERANK_RAY_TRACE_DIR`` set in the workers' environment, every call of a tokenize or
+    scoring actor appends one JSON line (stage, pid, start, end, rows) to
+    ``<dir>/<stage>-<pid>.jsonl`` on its node. Off (no file, no cost) when unset.
+    """
+
+    def __init__(self, stage: str) -> None:
+        folder = os.environ.get(TRACE_ENV)
+        self.path = os.path.join(folder, f"{stage}-{os.getpid()}.jsonl") if folder else None
+        self.stage = stage
+        if self.path:
+            os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, fn, batch):
+        if not self.path:
+            return fn(batch)
+        import json
+
+        start = time.time()
+        out = fn(batch)
+        line = {
+            "stage": self.stage,
+            "pid": os.getpid(),
+            "start": start,
+            "end": time.time(),
+            "rows": batch.num_rows,
+        }
+        with open(self.path, "a") as f:  # one short line per call; appends do not interleave
+            f.write(json.dumps(line) + "\n")
+        return out
+
+
 class _ResolvedTokenize:
     """TokenizeStage with the model resolved on the node it runs on."""
 
     def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig, drop_columns):
         from rerank_ray.tokenize import TokenizeStage
 
+        # The actor holds one CPU: the tokenizers library would otherwise start a thread per
+        # core in every tokenize actor (12 actors x 16 threads on a 16-core node) and starve
+        # the scoring actor's host thread. An explicit setting by the user is kept.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.trace = _CallTrace("tokenize")
         local = _resolve_on_node(model, s3, cfg)
         self.stage = TokenizeStage(
             str(local),
@@ -249,7 +291,7 @@ class _ResolvedTokenize:
         )
 
     def __call__(self, batch):
-        return self.stage(batch)
+        return self.trace(self.stage, batch)
 
 
 class _ResolvedScore:
@@ -258,6 +300,7 @@ class _ResolvedScore:
     def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig, calls: int = 1):
         from rerank_ray.scorer import ScoreStage
 
+        self.trace = _CallTrace("score")
         local = _resolve_on_node(model, s3, cfg)
         self.stage = ScoreStage(
             str(local),
@@ -272,7 +315,7 @@ class _ResolvedScore:
         )
 
     def __call__(self, batch):
-        return self.stage(batch)
+        return self.trace(self.stage, batch)
 
 
 def _resolve_on_node(model: str, s3: storage.S3Settings, cfg: JobConfig):
