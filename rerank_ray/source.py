@@ -108,16 +108,32 @@ def read_dataset(plan: SourcePlan, cfg: JobConfig, paths: list[str] | None = Non
     paths = list(plan.paths if paths is None else paths)
     include_paths = not has_own_path_column(plan)
     if plan.format == "parquet":
-        ds = ray.data.read_parquet(
-            paths,
-            filesystem=plan.filesystem,
-            columns=list(plan.schema.names),
-            file_extensions=None,
-            include_paths=include_paths,
-            # At least one block per shard: shards then flow (and finish) one by one, which
-            # keeps the pipeline streaming and lets a killed run keep its finished shards.
-            override_num_blocks=len(paths),
-        )
+        # Ray 2.60 reads Parquet with its V2 datasource by default. Measured here and on an
+        # H200 node (bench/results/2026-11-22-h200-job-trace.json), V2 hands a small or
+        # medium input to the next stage as ONE bundle, so one tokenize actor of the pool
+        # gets every row and the job runs at one CPU core's tokenize rate; on a larger input
+        # it spread the work but read ~4x slower than V1. The V1 reader gives one block per
+        # shard to any free actor. The flag is read when the read is planned, so it is set
+        # for this call only and the caller's DataContext is left as it was.
+        ctx = ray.data.DataContext.get_current()
+        use_v2 = getattr(ctx, "use_datasource_v2", None)
+        if use_v2 is not None:
+            ctx.use_datasource_v2 = False
+        try:
+            ds = ray.data.read_parquet(
+                paths,
+                filesystem=plan.filesystem,
+                columns=list(plan.schema.names),
+                file_extensions=None,
+                include_paths=include_paths,
+                # At least one block per shard: shards then flow (and finish) one by one,
+                # which keeps the pipeline streaming and lets a killed run keep its finished
+                # shards.
+                override_num_blocks=len(paths),
+            )
+        finally:
+            if use_v2 is not None:
+                ctx.use_datasource_v2 = use_v2
     else:
         ds = ray.data.read_json(
             paths,

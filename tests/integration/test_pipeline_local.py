@@ -209,3 +209,48 @@ def test_no_input_files(tiny_model_dir, tmp_path):
                 input=str(tmp_path / "empty"), output=str(tmp_path / "o"), model=str(tiny_model_dir)
             )
         )
+
+
+@pytest.mark.slow
+def test_shards_spread_over_every_tokenize_actor(tiny_model_dir, tmp_path):
+    """Each shard reaches whichever tokenize actor is free. (Ray 2.60's default Parquet
+    reader handed a small input to the pool as one bundle: one actor got every row.) Runs the
+    CLI in its own process and local Ray, with per-call traces on."""
+    import os
+    import subprocess
+    import sys
+
+    table = make_pairs(4000)
+    write_shards(table, tmp_path / "in", shards=8)
+    trace = tmp_path / "trace"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The pool waits for both actors before it dispatches, so a slow start on a loaded
+    # machine cannot leave one actor with all the work for reasons other than the reader.
+    env |= {"RERANK_RAY_TRACE_DIR": str(trace), "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "240"}
+    args = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    args += ["--model", str(tiny_model_dir), "--batch-rows", "100", "--tokenize-actors", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "rerank_ray.cli", "run", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    calls = [
+        json.loads(line)
+        for file in trace.glob("tokenize-*.jsonl")
+        for line in file.read_text().splitlines()
+    ]
+    rows_by_actor: dict[int, int] = {}
+    for call in calls:
+        rows_by_actor[call["pid"]] = rows_by_actor.get(call["pid"], 0) + call["rows"]
+    assert sum(rows_by_actor.values()) == table.num_rows
+    assert len(rows_by_actor) == 2, rows_by_actor
+    assert min(rows_by_actor.values()) >= 500, rows_by_actor  # at least one shard each
+    scored = sum(
+        json.loads(line)["rows"]
+        for file in trace.glob("score-*.jsonl")
+        for line in file.read_text().splitlines()
+    )
+    assert scored == table.num_rows
