@@ -84,7 +84,12 @@ class JobConfig:
     )
     min_actors: int | None = _f(None, help="Autoscaling pool minimum (with max_actors).")
     max_actors: int | None = _f(None, help="Autoscaling pool maximum (with min_actors).")
-    tokenize_actors: int = _f(2, help="Tokenizer actors (CPU) feeding the scoring pool.")
+    tokenize_actors: int | None = _f(
+        None,
+        help="Tokenizer actors (CPU, 1 core each) feeding the scoring pool; default 2 per "
+        "scoring actor (one core tokenizes ~3,700 pairs/s of a typical mix, an H200 scores "
+        "~5,700).",
+    )
     batch_rows: int = _f(2048, help="Rows per batch handed to each stage.")
     scorer_calls: int = _f(
         2,
@@ -141,7 +146,7 @@ class JobConfig:
                 f"`min_actors` ({self.min_actors}) is larger than `max_actors` ({self.max_actors})."
             )
         if (
-            self.tokenize_actors < 1
+            (self.tokenize_actors is not None and self.tokenize_actors < 1)
             or self.batch_rows < 1
             or self.rows_per_file < 1
             or self.scorer_calls < 1

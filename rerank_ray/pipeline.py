@@ -69,11 +69,21 @@ def run(
     return manifest
 
 
+TOKENIZE_ACTORS_PER_SCORER = 2
+
+
+def tokenize_actors(cfg: JobConfig, scorers: int) -> int:
+    """Size of the tokenize pool: as configured, else 2 per scoring actor. One core tokenizes
+    ~3,700 pairs/s of the bench mix and one H200 scores ~5,700 (bench/results, 2026-11-22),
+    so a fixed 2 would cap a many-GPU job at one GPU's rate."""
+    return cfg.tokenize_actors or TOKENIZE_ACTORS_PER_SCORER * scorers
+
+
 def cpus_needed(cfg: JobConfig, gpus: float = 0) -> int:
     """Logical CPUs the job's actor pools hold (1 each), plus one for read tasks and one for
     write tasks so that reading and writing stream alongside scoring."""
     scorers = cfg.num_actors or cfg.min_actors or max(int(gpus), 1)
-    return cfg.tokenize_actors + scorers + 2
+    return tokenize_actors(cfg, scorers) + scorers + 2
 
 
 def _init_ray(cfg: JobConfig) -> None:
@@ -175,9 +185,20 @@ def build_dataset(
     )
     if cfg.min_actors is not None:
         pool = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors, **threads)
+        tokenize_pool = (
+            ActorPoolStrategy(size=cfg.tokenize_actors)
+            if cfg.tokenize_actors
+            else ActorPoolStrategy(
+                min_size=tokenize_actors(cfg, cfg.min_actors),
+                max_size=tokenize_actors(cfg, cfg.max_actors),
+            )
+        )
+        n_tokenize = tokenize_actors(cfg, cfg.min_actors)
     else:
         size = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
         pool = ActorPoolStrategy(size=size, **threads)
+        n_tokenize = tokenize_actors(cfg, size)
+        tokenize_pool = ActorPoolStrategy(size=n_tokenize)
     cpus = ray.cluster_resources().get("CPU", 0)
     needed = cpus_needed(cfg, gpus if use_gpu else 0)
     if cpus < needed:
@@ -189,7 +210,7 @@ def build_dataset(
             "job waits until the resources exist.",
             cpus,
             needed,
-            cfg.tokenize_actors,
+            n_tokenize,
         )
     model_ref = cfg.model  # each node resolves it itself (s3:// is downloaded once per node)
     keep = set(cfg.keep_columns) if cfg.keep_columns is not None else None
@@ -216,7 +237,7 @@ def build_dataset(
         },
         batch_size=cfg.batch_rows,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=cfg.tokenize_actors),
+        compute=tokenize_pool,
         num_cpus=1,
         udf_modifying_row_count=False,
     )
