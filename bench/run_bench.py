@@ -572,15 +572,25 @@ class Bench:
 def trace_summary(trace_dir: Path, since: float) -> dict:
     """Per stage, from the actors' call traces (rerank_ray.pipeline._CallTrace) of one run:
     calls, rows, the span from first call start to last call end, the time some call of the
-    stage was running (union over actors and threads), and rows per second of that time."""
+    stage was running (union over actors and threads), and rows per second of that time;
+    for each stage's actors, when the first process started and the last was set up."""
     calls: dict[str, list[dict]] = {}
     for file in Path(trace_dir).glob("*.jsonl"):
         for line in file.read_text().splitlines():
             rec = json.loads(line)
-            if rec["start"] >= since:
+            if rec["start"] >= since:  # calls and actor set-ups of this run only
                 calls.setdefault(rec["stage"], []).append(rec)
     out = {}
     for stage, recs in calls.items():
+        if stage.endswith("_init"):  # actor set-up: when processes started and were ready
+            starts = [r["process_start"] for r in recs if r.get("process_start")]
+            out[stage] = {
+                "actors": len(recs),
+                "first_process_start_after_s": round(min(starts) - since, 1) if starts else None,
+                "setup_s_max": round(max(r["end"] - r["start"] for r in recs), 1),
+                "last_ready_after_s": round(max(r["end"] for r in recs) - since, 1),
+            }
+            continue
         recs.sort(key=lambda r: r["start"])
         busy, cur_s, cur_e = 0.0, None, None
         for r in recs:

@@ -262,32 +262,52 @@ class _CallTrace:
 
     With ``RERANK_RAY_TRACE_DIR`` set in the workers' environment, every call of a tokenize or
     scoring actor appends one JSON line (stage, pid, start, end, rows) to
-    ``<dir>/<stage>-<pid>.jsonl`` on its node. Off (no file, no cost) when unset.
+    ``<dir>/<stage>-<pid>.jsonl`` on its node, and each actor one ``<stage>_init`` line when
+    its set-up is done: its process start (Ray worker start and imports come before
+    ``start``), and the set-up itself (model resolve and load, autotune) from ``start`` to
+    ``end``. Off (no file, no cost) when unset.
     """
 
     def __init__(self, stage: str) -> None:
         folder = os.environ.get(TRACE_ENV)
         self.path = os.path.join(folder, f"{stage}-{os.getpid()}.jsonl") if folder else None
         self.stage = stage
+        self.created = time.time()
         if self.path:
             os.makedirs(folder, exist_ok=True)
+
+    def _write(self, line: dict) -> None:
+        import json
+
+        with open(self.path, "a") as f:  # one short line per call; appends do not interleave
+            f.write(json.dumps({"stage": self.stage, "pid": os.getpid(), **line}) + "\n")
+
+    def ready(self) -> None:
+        """The actor's set-up is done (call at the end of ``__init__``)."""
+        if not self.path:
+            return
+        try:
+            import psutil
+
+            process_start = psutil.Process().create_time()
+        except Exception:  # psutil comes with ray[default]; without it, no process start
+            process_start = None
+        self._write(
+            {
+                "stage": f"{self.stage}_init",
+                "process_start": process_start,
+                "start": self.created,
+                "end": time.time(),
+                "rows": 0,
+            }
+        )
 
     def __call__(self, fn, batch):
         if not self.path:
             return fn(batch)
-        import json
-
         start = time.time()
         out = fn(batch)
-        line = {
-            "stage": self.stage,
-            "pid": os.getpid(),
-            "start": start,
-            "end": time.time(),
-            "rows": batch.num_rows,
-        }
-        with open(self.path, "a") as f:  # one short line per call; appends do not interleave
-            f.write(json.dumps(line) + "\n")
+        self._write({"start": start, "end": time.time(), "rows": batch.num_rows})
         return out
 
 
@@ -295,13 +315,13 @@ class _ResolvedTokenize:
     """TokenizeStage with the model resolved on the node it runs on."""
 
     def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig, drop_columns):
+        self.trace = _CallTrace("tokenize")
         from rerank_ray.tokenize import TokenizeStage
 
         # The actor holds one CPU: the tokenizers library would otherwise start a thread per
         # core in every tokenize actor (12 actors x 16 threads on a 16-core node) and starve
         # the scoring actor's host thread. An explicit setting by the user is kept.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        self.trace = _CallTrace("tokenize")
         local = _resolve_on_node(model, s3, cfg)
         self.stage = TokenizeStage(
             str(local),
@@ -310,6 +330,7 @@ class _ResolvedTokenize:
             drop_columns=drop_columns,
             trust_remote_code=cfg.trust_remote_code,
         )
+        self.trace.ready()
 
     def __call__(self, batch):
         return self.trace(self.stage, batch)
@@ -319,9 +340,9 @@ class _ResolvedScore:
     """ScoreStage with the model resolved on the node it runs on."""
 
     def __init__(self, model: str, s3: storage.S3Settings, cfg: JobConfig, calls: int = 1):
+        self.trace = _CallTrace("score")
         from rerank_ray.scorer import ScoreStage
 
-        self.trace = _CallTrace("score")
         local = _resolve_on_node(model, s3, cfg)
         self.stage = ScoreStage(
             str(local),
@@ -334,6 +355,7 @@ class _ResolvedScore:
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
         )
+        self.trace.ready()
 
     def __call__(self, batch):
         return self.trace(self.stage, batch)

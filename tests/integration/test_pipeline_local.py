@@ -254,3 +254,17 @@ def test_shards_spread_over_every_tokenize_actor(tiny_model_dir, tmp_path):
         for line in file.read_text().splitlines()
     )
     assert scored == table.num_rows
+    # Each actor traced its set-up once, before its first call.
+    for stage, actors in (("tokenize", 2), ("score", 1)):
+        lines = [
+            json.loads(line)
+            for file in trace.glob(f"{stage}-*.jsonl")
+            for line in file.read_text().splitlines()
+        ]
+        inits = [r for r in lines if r["stage"] == f"{stage}_init"]
+        assert len(inits) == actors, inits
+        for init in inits:
+            first_call = min(
+                r["start"] for r in lines if r["stage"] == stage and r["pid"] == init["pid"]
+            )
+            assert init["start"] <= init["end"] <= first_call
