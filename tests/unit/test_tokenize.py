@@ -109,3 +109,29 @@ def test_text_columns_can_be_dropped_after_tokenizing(tiny_model_dir):
     out = TokenizeStage(str(tiny_model_dir), 64, 48, drop_columns=("doc",))(table(PAIRS))
     assert "doc" not in out.column_names and "query" in out.column_names
     assert out[schema.INPUT_IDS].type == pa.list_(pa.int32())
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rust_batch_path_equals_the_hf_tokenizer_call(kind, side, request):
+    """The stage calls the Rust tokenizer directly (no BatchEncoding); its ids must be the
+    HF call's for the same texts, limits and truncation side."""
+    model_dir = request.getfixturevalue(kind)
+    stage = TokenizeStage(str(model_dir), 64, 48)
+    assert stage._raw is not None  # the fast path is the one under test
+    stage.tokenizer.truncation_side = side
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    hf.truncation_side = side
+    texts = [q for q, _ in PAIRS] + [d for _, d in PAIRS]
+    texts += [
+        " ".join(d for _, d in PAIRS) * 5,  # longer than every limit below
+        "  Paris\tis   the\ncapital  ",  # odd whitespace
+        "Ünïcödé — naïve café 東京 🙂",
+        f"text with {hf.sep_token} and {hf.cls_token} inside",  # special tokens as text
+        "x",
+    ]
+    for limit in (1, 5, 17, 65):
+        want = hf(texts, add_special_tokens=False, truncation=True, max_length=limit)
+        assert stage._ids(texts, limit) == want["input_ids"], (limit, side)
+    # The stage's private copy changed no setting of the HF tokenizer it came from.
+    assert stage.tokenizer.backend_tokenizer.truncation is None
