@@ -87,8 +87,7 @@ class JobConfig:
     tokenize_actors: int | None = _f(
         None,
         help="Tokenizer actors (CPU, 1 core each) feeding the scoring pool; default 2 per "
-        "scoring actor (one core tokenizes ~3,700 pairs/s of a typical mix, an H200 scores "
-        "~5,700).",
+        "scoring actor (one H200 scores ~5,700 pairs/s; one core tokenizes a few thousand).",
     )
     batch_rows: int = _f(2048, help="Rows per batch handed to each stage.")
     scorer_calls: int = _f(

@@ -73,9 +73,10 @@ TOKENIZE_ACTORS_PER_SCORER = 2
 
 
 def tokenize_actors(cfg: JobConfig, scorers: int) -> int:
-    """Size of the tokenize pool: as configured, else 2 per scoring actor. One core tokenizes
-    ~3,700 pairs/s of the bench mix and one H200 scores ~5,700 (bench/results, 2026-11-22),
-    so a fixed 2 would cap a many-GPU job at one GPU's rate."""
+    """Size of the tokenize pool: as configured, else 2 per scoring actor. One H200 scores
+    ~5,700 pairs/s of the bench mix; one core tokenized ~3,700 of it with the HF tokenizer
+    call (H200 host) and 1.3-2.5x that with the Rust batch path (2-core dev machine); see
+    bench/results, 2026-11-22. A fixed 2 would cap a many-GPU job at about one GPU's rate."""
     return cfg.tokenize_actors or TOKENIZE_ACTORS_PER_SCORER * scorers
 
 

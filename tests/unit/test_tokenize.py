@@ -135,3 +135,14 @@ def test_rust_batch_path_equals_the_hf_tokenizer_call(kind, side, request):
         assert stage._ids(texts, limit) == want["input_ids"], (limit, side)
     # The stage's private copy changed no setting of the HF tokenizer it came from.
     assert stage.tokenizer.backend_tokenizer.truncation is None
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+def test_repeated_queries_tokenized_once_give_each_row_its_pair(kind, request):
+    """Distinct queries are tokenized once per block; every row still gets its own pair."""
+    model_dir = request.getfixturevalue(kind)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pairs = [(PAIRS[i % 3][0], PAIRS[(i * 2 + 1) % 3][1] + f" {i}") for i in range(12)]
+    out = TokenizeStage(str(model_dir), max_length=512, query_max_length=384)(table(pairs))
+    expected = tok([q for q, _ in pairs], [d for _, d in pairs])
+    assert out[schema.INPUT_IDS].to_pylist() == expected["input_ids"]
