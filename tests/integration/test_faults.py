@@ -290,3 +290,19 @@ def test_worker_node_removed_mid_run_every_row_once(tiny_model_dir, tmp_path):
     assert result["removed_node"] in nodes, result
     assert result["manifest"] == {"rows_read": 10000, "rows_scored": 10000}
     assert_exactly_once(table, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_worker_node_removed_without_a_spare_gpu_every_row_once(tiny_model_dir, tmp_path):
+    table = make_pairs(10000)
+    # Two GPU nodes for two scoring actors: when one node goes, no GPU is free for its actor
+    # (a cluster at its max_workers). The job must still finish on what is left.
+    result = run_scenario(
+        scenario(tmp_path, tiny_model_dir, table, gpu_nodes=2, remove_node_after_s=1.0)
+    )
+    assert "error" not in result, result["error"]
+    assert result.get("removed_while_running"), result
+    survivors = set(result["worker_nodes"]) - {result["removed_node"]}
+    assert len(survivors) == 1
+    assert result["manifest"] == {"rows_read": 10000, "rows_scored": 10000}
+    assert_exactly_once(table, tmp_path / "out")
