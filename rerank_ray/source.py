@@ -67,7 +67,9 @@ def plan_source(cfg: JobConfig, s3: storage.S3Settings) -> SourcePlan:
                 f"--{_flag_for(cfg, missing[0])} NAME."
             )
         if first_schema is None:
-            first_schema = file_schema
+            first_schema, first_shown = file_schema, shown
+        else:
+            _check_same_types(first_schema, first_shown, file_schema, shown)
         total += rows
         counts.append(rows)
     partition_cols = [c for c in cfg.partition_by if c != schema.RUN_DATE]
@@ -146,6 +148,36 @@ def read_dataset(plan: SourcePlan, cfg: JobConfig, paths: list[str] | None = Non
     if renames:
         ds = ds.rename_columns(renames)
     return ds
+
+
+def _type_kind(t: pa.DataType) -> object:
+    """Types that Ray Data combines across shards count as one kind: string widths (seen
+    with Parquet), and numbers (int64 and double JSONL shards were combined in a test run).
+    Anything else must match exactly."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return "binary"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "number"
+    return t
+
+
+def _check_same_types(first: pa.Schema, first_shown: str, other: pa.Schema, shown: str) -> None:
+    """A column typed differently in two shards makes Ray Data fail mid-run, after the model
+    has loaded, with an Arrow "Unable to merge" error; say which file and column up front."""
+    for field in other:
+        if field.name not in first.names:
+            continue
+        want = first.field(field.name).type
+        if pa.types.is_null(want) or pa.types.is_null(field.type):
+            continue  # an all-null column (JSONL) takes the other shards' type
+        if _type_kind(want) != _type_kind(field.type):
+            raise InputError(
+                f"Column {field.name!r} is {field.type} in input file {shown} but {want} in "
+                f"{first_shown}. Every shard needs the same column types: rewrite {shown} with "
+                f"{field.name!r} as {want} (or all shards with one type)."
+            )
 
 
 def has_own_path_column(plan: SourcePlan) -> bool:

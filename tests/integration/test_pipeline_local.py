@@ -193,6 +193,31 @@ def test_corrupt_shard_names_the_object(tiny_model_dir, tmp_path):
         run(JobConfig(input=str(inp), output=str(tmp_path / "out"), model=str(tiny_model_dir)))
 
 
+def test_shards_with_different_column_types_fail_up_front(tiny_model_dir, tmp_path):
+    table = make_pairs(20)
+    inp = write_shards(table, tmp_path / "in", shards=2)
+    ints = table.slice(10, 10)
+    ints = ints.set_column(ints.column_names.index("doc_id"), "doc_id", pa.array(range(10)))
+    pq.write_table(ints, inp / "part-1.parquet")
+    with pytest.raises(InputError, match=r"'doc_id' is int64 in input file .*part-1\.parquet"):
+        run(JobConfig(input=str(inp), output=str(tmp_path / "out"), model=str(tiny_model_dir)))
+
+
+def test_string_and_large_string_shards_are_one_type(tmp_path):
+    from rerank_ray.pipeline import s3_settings
+    from rerank_ray.source import plan_source
+
+    table = make_pairs(20)
+    inp = write_shards(table, tmp_path / "in", shards=2)
+    large = table.slice(10, 10)
+    large = large.set_column(
+        large.column_names.index("doc"), "doc", large["doc"].cast(pa.large_string())
+    )
+    pq.write_table(large, inp / "part-1.parquet")
+    cfg = JobConfig(input=str(inp), output=str(tmp_path / "out"))
+    assert plan_source(cfg, s3_settings(cfg)).num_rows == 20
+
+
 def test_unwritable_output_fails_before_scoring(tiny_model_dir, tmp_path):
     inp = write_shards(make_pairs(20), tmp_path / "in", shards=1)
     blocker = tmp_path / "file"
@@ -268,3 +293,20 @@ def test_shards_spread_over_every_tokenize_actor(tiny_model_dir, tmp_path):
                 r["start"] for r in lines if r["stage"] == stage and r["pid"] == init["pid"]
             )
             assert init["start"] <= init["end"] <= first_call
+
+
+def test_jsonl_shards_with_int_and_float_scores_are_accepted(tmp_path):
+    from rerank_ray.pipeline import s3_settings
+    from rerank_ray.source import plan_source
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name, score in (("a", 1), ("b", 0.5)):
+        rows = [
+            {"query_id": "q", "query": "capital", "doc_id": f"{name}{i}", "doc": "paris"}
+            | {"retrieval_score": score}
+            for i in range(3)
+        ]
+        (inp / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = JobConfig(input=str(inp), output=str(tmp_path / "out"))
+    assert plan_source(cfg, s3_settings(cfg)).num_rows == 6
