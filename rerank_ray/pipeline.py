@@ -152,6 +152,12 @@ def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t
         _init_ray(cfg)
     ds = build_dataset(cfg, plan, s3, paths=todo)
     if transform is not None:
+        if not source.has_own_path_column(plan):
+            # The source-file column serves resume, which a per-query transform turns off
+            # (above). Dropped, it is not shuffled, and the sink writes one file per write
+            # task and flush instead of one per (write task x input shard): with hundreds of
+            # shards, hundreds of times fewer files.
+            ds = ds.drop_columns([sink.SOURCE_COLUMN])
         ds = transform(ds)
     ds.write_datasink(out)
     if out.manifest is None:

@@ -100,6 +100,23 @@ def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, t
     assert manifest["rows_filtered"] == below > 0
     assert manifest["rows_scored"] == got.num_rows
     assert manifest["rows_scored"] + manifest["rows_rejected"] + below == n_input
+    # After the per-query shuffle a data file holds rows of several input shards: files are
+    # not split per shard (which made one file per write task and shard).
+    seen = [(d, i) for i, t in enumerate(shards()) for d in t["doc_id"].to_pylist()]
+    ids = [d for d, _ in seen]
+    shard_of = {d: i for d, i in seen if ids.count(d) == 1}  # the duplicate pair is in both
+    data_files = [f for f in manifest["files"] if not f.startswith("_rejects/")]
+    shards_per_file = [
+        len(
+            {
+                shard_of[d]
+                for d in pq.read_table(pa.BufferReader(read_bytes(cfg, f)))["doc_id"].to_pylist()
+                if d in shard_of
+            }
+        )
+        for f in data_files
+    ]
+    assert max(shards_per_file) > 1, shards_per_file
 
     want_stats = nightly_stats(rank_queries(scored_reference), 3).to_dict()
     for name in ("queries", "candidates", "compared_queries", "top1_changed"):
