@@ -108,7 +108,14 @@ def read_dataset(plan: SourcePlan, cfg: JobConfig, paths: list[str] | None = Non
     import ray.data
 
     paths = list(plan.paths if paths is None else paths)
-    include_paths = not has_own_path_column(plan)
+    common = {
+        "filesystem": plan.filesystem,
+        "file_extensions": None,
+        "include_paths": not has_own_path_column(plan),
+        # At least one block per shard: shards then flow (and finish) one by one, which
+        # keeps the pipeline streaming and lets a killed run keep its finished shards.
+        "override_num_blocks": len(paths),
+    }
     if plan.format == "parquet":
         # Ray 2.60 reads Parquet with its V2 datasource by default. Measured here and on an
         # H200 node (bench/results/2026-11-22-h200-job-trace.json), V2 hands a small or
@@ -122,28 +129,12 @@ def read_dataset(plan: SourcePlan, cfg: JobConfig, paths: list[str] | None = Non
         if use_v2 is not None:
             ctx.use_datasource_v2 = False
         try:
-            ds = ray.data.read_parquet(
-                paths,
-                filesystem=plan.filesystem,
-                columns=list(plan.schema.names),
-                file_extensions=None,
-                include_paths=include_paths,
-                # At least one block per shard: shards then flow (and finish) one by one,
-                # which keeps the pipeline streaming and lets a killed run keep its finished
-                # shards.
-                override_num_blocks=len(paths),
-            )
+            ds = ray.data.read_parquet(paths, columns=list(plan.schema.names), **common)
         finally:
             if use_v2 is not None:
                 ctx.use_datasource_v2 = use_v2
     else:
-        ds = ray.data.read_json(
-            paths,
-            filesystem=plan.filesystem,
-            file_extensions=None,
-            include_paths=include_paths,
-            override_num_blocks=len(paths),
-        )
+        ds = ray.data.read_json(paths, **common)
     renames = {k: v for k, v in cfg.column_map.items() if k != v}
     if renames:
         ds = ds.rename_columns(renames)

@@ -247,12 +247,11 @@ class TokenizeStage:
         # tokenizer's batch call that skips offset tracking where it has one. With distinct
         # queries tokenized once, 1.3-2.5x the stage's rate with identical ids
         # (bench/tokenize_rate.py). Same truncation side and special-token splitting as the
-        # HF call; padding off.
+        # HF call; padding is off (set once in _raw_rust_tokenizer).
         raw = self._raw
         split_special = bool(getattr(self.tokenizer, "split_special_tokens", False))
         if raw.encode_special_tokens != split_special:
             raw.encode_special_tokens = split_special
-        raw.no_padding()
         raw.enable_truncation(
             max_length, stride=0, strategy="longest_first", direction=self._truncation_side
         )
@@ -276,4 +275,6 @@ def _raw_rust_tokenizer(tokenizer):
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
         return None
-    return Tokenizer.from_str(backend.to_str())
+    raw = Tokenizer.from_str(backend.to_str())
+    raw.no_padding()  # a tokenizer.json may carry a padding setting; the HF call turns it off
+    return raw

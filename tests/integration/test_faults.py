@@ -276,33 +276,37 @@ def test_killed_scoring_actor_mid_run_every_row_once(tiny_model_dir, tmp_path):
     assert_exactly_once(table, tmp_path / "out")
 
 
-@pytest.mark.slow
-def test_worker_node_removed_mid_run_every_row_once(tiny_model_dir, tmp_path):
+def remove_a_node_mid_run(tiny_model_dir, tmp_path, gpu_nodes: int, check) -> None:
+    """Two scoring actors on ``gpu_nodes`` GPU nodes; one node is removed mid-run. ``check``
+    gets the scenario result before the every-row-once checks."""
     table = make_pairs(10000)
-    # Three GPU nodes for two scoring actors: a spare GPU for the lost node's actor to restart
-    # on, as a replacement node from the autoscaler would give.
     result = run_scenario(
-        scenario(tmp_path, tiny_model_dir, table, gpu_nodes=3, remove_node_after_s=1.0)
+        scenario(tmp_path, tiny_model_dir, table, gpu_nodes=gpu_nodes, remove_node_after_s=1.0)
     )
     assert "error" not in result, result["error"]
     assert result.get("removed_while_running"), result
-    nodes = {n for per_actor in result["scorer_nodes"].values() for n in per_actor}
-    assert result["removed_node"] in nodes, result
+    check(result)
     assert result["manifest"] == {"rows_read": 10000, "rows_scored": 10000}
     assert_exactly_once(table, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_worker_node_removed_mid_run_every_row_once(tiny_model_dir, tmp_path):
+    # Three GPU nodes for two scoring actors: a spare GPU for the lost node's actor to restart
+    # on, as a replacement node from the autoscaler would give.
+    def removed_a_scoring_node(result):
+        nodes = {n for per_actor in result["scorer_nodes"].values() for n in per_actor}
+        assert result["removed_node"] in nodes, result
+
+    remove_a_node_mid_run(tiny_model_dir, tmp_path, 3, removed_a_scoring_node)
 
 
 @pytest.mark.slow
 def test_worker_node_removed_without_a_spare_gpu_every_row_once(tiny_model_dir, tmp_path):
-    table = make_pairs(10000)
     # Two GPU nodes for two scoring actors: when one node goes, no GPU is free for its actor
     # (a cluster at its max_workers). The job must still finish on what is left.
-    result = run_scenario(
-        scenario(tmp_path, tiny_model_dir, table, gpu_nodes=2, remove_node_after_s=1.0)
-    )
-    assert "error" not in result, result["error"]
-    assert result.get("removed_while_running"), result
-    survivors = set(result["worker_nodes"]) - {result["removed_node"]}
-    assert len(survivors) == 1
-    assert result["manifest"] == {"rows_read": 10000, "rows_scored": 10000}
-    assert_exactly_once(table, tmp_path / "out")
+    def one_node_left(result):
+        survivors = set(result["worker_nodes"]) - {result["removed_node"]}
+        assert len(survivors) == 1
+
+    remove_a_node_mid_run(tiny_model_dir, tmp_path, 2, one_node_left)
