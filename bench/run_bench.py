@@ -56,7 +56,17 @@ BGE_M3_CONFIG = dict(
     layer_norm_eps=1e-5,
     num_labels=1,
 )
-SECTIONS = ("matmul", "correctness", "autotune", "packed", "hf_padded", "peers", "job", "scaling")
+SECTIONS = (
+    "matmul",
+    "correctness",
+    "autotune",
+    "packed",
+    "profile",
+    "hf_padded",
+    "peers",
+    "job",
+    "scaling",
+)
 GIB = 2**30
 
 
@@ -242,6 +252,9 @@ class Bench:
         pk16g = score_rows(
             PackedEncoder(self.model16, gelu_epilogue=True), ids, off, TokenBudget(budget, 512)
         )
+        pk16f = score_rows(
+            PackedEncoder(self.model16, fused_layer_norm=True), ids, off, TokenBudget(budget, 512)
+        )
         queries = self.work.query_of_pair[:n]
 
         def per_query_spearman(a, b):
@@ -259,6 +272,9 @@ class Bench:
             "hf_fp16_vs_hf_fp32_max_abs": float(np.abs(ref16 - ref32).max()),
             "packed_fp16_vs_hf_fp32_spearman_min_mean": per_query_spearman(pk16, ref32),
             "hf_fp16_vs_hf_fp32_spearman_min_mean": per_query_spearman(ref16, ref32),
+            "packed_fp16_fused_ln_vs_packed_fp16_max_abs": float(np.abs(pk16f - pk16).max()),
+            "packed_fp16_fused_ln_vs_hf_fp32_max_abs": float(np.abs(pk16f - ref32).max()),
+            "packed_fp16_fused_ln_vs_hf_fp32_spearman_min_mean": per_query_spearman(pk16f, ref32),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_max_abs": float(np.abs(pk16g - ref32).max()),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_spearman_min_mean": per_query_spearman(
                 pk16g, ref32
@@ -315,14 +331,112 @@ class Bench:
                 build_and_warm_s=round(time.perf_counter() - t0, 1),
             )
             del enc
+        enc = PackedEncoder(self.model16, fused_layer_norm=True)
+        self.run_packed(f"padding-free fp16 fused add+LN (Triton), budget {best}", enc, best, n)
         enc = PackedEncoder(self.model16, gelu_epilogue=True)
         self.run_packed(f"padding-free fp16 eager + GELU epilogue, budget {best}", enc, best, n)
-        enc = PackedEncoder(self.model16, gelu_epilogue=True, compile=True)
+        enc = PackedEncoder(self.model16, gelu_epilogue=True, fused_layer_norm=True)
         self.run_packed(
-            f"padding-free fp16 GELU epilogue + compiled add+LN, budget {best}", enc, best, n
+            f"padding-free fp16 GELU epilogue + fused add+LN (Triton), budget {best}", enc, best, n
         )
-        enc = PackedEncoder(self.model16, dtype=torch.bfloat16)
-        self.run_packed(f"padding-free bf16 eager, budget {best}", enc, best, n)
+        if self.args.compile:
+            enc = PackedEncoder(self.model16, gelu_epilogue=True, compile=True)
+            self.run_packed(
+                f"padding-free fp16 GELU epilogue + compiled add+LN, budget {best}", enc, best, n
+            )
+        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, fused_layer_norm=True)
+        self.run_packed(f"padding-free bf16 fused add+LN (Triton), budget {best}", enc, best, n)
+
+    def profile(self):
+        """Where a forward's GPU time goes: each GEMM shape of a layer alone (its TFLOP/s is
+        the ceiling for the encoder), then a kernel-time breakdown of one packed forward."""
+        import torch.nn.functional as F
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        t = self.args.profile_tokens
+        shapes = {"qkv": (1024, 3072), "attn_out": (1024, 1024), "ff_up": (1024, 4096)}
+        shapes["ff_down"] = (4096, 1024)
+        gemms, flops_all, sec_all = {}, 0.0, 0.0
+        for name, (k, n) in shapes.items():
+            a = torch.randn(t, k, device="cuda", dtype=torch.float16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.float16)
+            b = torch.randn(n, device="cuda", dtype=torch.float16)
+            for _ in range(3):
+                F.linear(a, w, b)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                F.linear(a, w, b)
+            torch.cuda.synchronize()
+            sec = (time.perf_counter() - t0) / 20
+            gemms[name] = {
+                "ms": round(1e3 * sec, 3),
+                "tflops": round(2 * t * k * n / sec / 1e12, 1),
+            }
+            flops_all += 2 * t * k * n
+            sec_all += sec
+            del a, w, b
+        gemms["layer_all_four"] = {"tflops": round(flops_all / sec_all / 1e12, 1)}
+        report = {"tokens": t, "gemm_fp16_alone": gemms, "forwards": {}}
+        # One micro-batch of real rows, ~t tokens, as the scorer would cut it.
+        n_rows = int(np.searchsorted(self.offsets, t, side="right")) - 1
+        mb = (self.ids[: self.offsets[n_rows]], self.offsets[: n_rows + 1])
+        cats = (  # first match wins: flash attention kernels also name cutlass types
+            ("attention", ("flash", "fmha", "attn")),
+            ("gemm", ("gemm", "cutlass", "sm90_", "sm100_", "xmma", "cublas", "nvjet")),
+            ("add_layer_norm", ("layer_norm", "layernorm", "add_layer_norm")),
+            ("gelu", ("gelu",)),
+            ("embedding_index", ("index", "embedding", "gather", "scatter")),
+            ("copy", ("memcpy", "copy")),
+        )
+        variants = {
+            "eager": {},
+            "fused_ln": {"fused_layer_norm": True},
+            "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
+        }
+        for label, kw in variants.items():
+            enc = PackedEncoder(self.model16, **kw)
+            for _ in range(3):
+                enc.score(*mb)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reps = 5
+            for _ in range(reps):
+                enc.score(*mb)
+            wall = (time.perf_counter() - t0) / reps
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    enc.score(*mb)
+                torch.cuda.synchronize()
+            kernels = {}
+            for e in prof.key_averages():
+                us = getattr(e, "self_device_time_total", 0) or 0
+                if us > 0:
+                    kernels[e.key] = kernels.get(e.key, 0) + us / reps / 1e3
+            total = sum(kernels.values())
+            by_cat = {}
+            for key, ms in kernels.items():
+                low = key.lower()
+                cat = next((c for c, words in cats if any(w in low for w in words)), "other")
+                by_cat[cat] = by_cat.get(cat, 0) + ms
+            top = sorted(kernels.items(), key=lambda kv: -kv[1])[:14]
+            report["forwards"][label] = {
+                "rows": n_rows,
+                "tokens": int(mb[1][-1]),
+                "wall_ms": round(1e3 * wall, 2),
+                "pairs_per_s": round(n_rows / wall, 1),
+                "kernel_ms": round(total, 2),
+                "by_category_ms": {k: round(v, 2) for k, v in sorted(by_cat.items())},
+                "by_category_pct": {
+                    k: round(100 * v / total, 1) for k, v in sorted(by_cat.items())
+                },
+                "top_kernels_ms": [[k[:120], round(v, 3)] for k, v in top],
+            }
+            print("profile", label, json.dumps(report["forwards"][label])[:1500], flush=True)
+            del enc
+        self.report["profile"] = report
+        self.save()
 
     def hf_padded(self):
         ids, off = self.subset(self.args.hf_pairs)
@@ -584,8 +698,10 @@ def trace_summary(trace_dir: Path, since: float) -> dict:
     for stage, recs in calls.items():
         if stage.endswith("_init"):  # actor set-up: when processes started and were ready
             starts = [r["process_start"] for r in recs if r.get("process_start")]
+            steps = [r["setup_seconds"] for r in recs if r.get("setup_seconds")]
             out[stage] = {
                 "actors": len(recs),
+                "setup_steps_s": steps[:4],
                 "first_process_start_after_s": round(min(starts) - since, 1) if starts else None,
                 "setup_s_max": round(max(r["end"] - r["start"] for r in recs), 1),
                 "last_ready_after_s": round(max(r["end"] for r in recs) - since, 1),
@@ -629,6 +745,7 @@ def main(argv=None):
     p.add_argument("--budgets", default="65536,131072")
     p.add_argument("--max-budget", type=int, default=65_536)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--profile-tokens", type=int, default=65_536)
     p.add_argument("--job-pairs", type=int, default=500_000)
     p.add_argument("--job-small-pairs", type=int, default=5_000)
     p.add_argument("--tokenize-actors", default="12", help="Comma list: job runs per value.")

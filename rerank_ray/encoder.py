@@ -101,6 +101,7 @@ class PackedEncoder:
         attention: str = "auto",
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
+        fused_layer_norm: bool = False,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
@@ -111,6 +112,8 @@ class PackedEncoder:
         ``gelu_epilogue`` computes bias + GELU inside the feed-forward matmul (cuBLASLt
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.
+        ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
+        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         """
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -199,7 +202,22 @@ class PackedEncoder:
             raise ValueError("gelu_epilogue needs CUDA and a GELU model; leave it off here.")
         self._gelu_epilogue = gelu_epilogue
         self._pin = on_cuda
-        self._add_ln = torch.compile(_add_layer_norm, dynamic=True) if compile else _add_layer_norm
+        if fused_layer_norm:
+            from rerank_ray import kernels
+
+            if compile:
+                raise ValueError("fused_layer_norm and compile both fuse add+LayerNorm; pick one.")
+            if not kernels.available(self.device):
+                raise ValueError(
+                    f"fused_layer_norm needs Triton and CUDA (device {self.device}); "
+                    "leave it off here."
+                )
+            self._add_ln = kernels.add_layer_norm_
+        elif compile:
+            self._add_ln = torch.compile(_add_layer_norm, dynamic=True)
+        else:
+            self._add_ln = _add_layer_norm
+        self.fused_layer_norm = fused_layer_norm
 
     # --- host side --------------------------------------------------------------------------
     def _stage(

@@ -289,8 +289,9 @@ class _CallTrace:
         with open(self.path, "a") as f:  # one short line per call; appends do not interleave
             f.write(json.dumps({"stage": self.stage, "pid": os.getpid(), **line}) + "\n")
 
-    def ready(self) -> None:
-        """The actor's set-up is done (call at the end of ``__init__``)."""
+    def ready(self, **details) -> None:
+        """The actor's set-up is done (call at the end of ``__init__``); ``details`` (e.g.
+        seconds per set-up step) go into its line."""
         if not self.path:
             return
         try:
@@ -306,6 +307,7 @@ class _CallTrace:
                 "start": self.created,
                 "end": time.time(),
                 "rows": 0,
+                **details,
             }
         )
 
@@ -362,7 +364,7 @@ class _ResolvedScore:
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
         )
-        self.trace.ready()
+        self.trace.ready(setup_seconds=self.stage.setup_seconds)
 
     def __call__(self, batch):
         return self.trace(self.stage, batch)

@@ -95,3 +95,15 @@ def test_autotune_respects_a_memory_cap_and_backoff_keeps_rows(tmp_path):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     np.testing.assert_allclose(scores, enc.score(ids, offsets), atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not varlen_attention_available(), reason="no varlen_attn in this torch")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layer_norm_matches_the_eager_encoder(dtype):
+    model = _model(dtype)
+    ids, offsets = _batch(64, seed=7)
+    eager = PackedEncoder(model).score(ids, offsets)
+    fused = PackedEncoder(model, fused_layer_norm=True).score(ids, offsets)
+    ref = _hf(model.float(), ids, offsets).numpy()
+    # Same rounding points as the eager pair: no further from fp32 than eager is (+ noise).
+    assert np.abs(fused - ref).max() <= 1.5 * np.abs(eager - ref).max() + 1e-3

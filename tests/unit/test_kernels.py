@@ -1,0 +1,61 @@
+"""The fused add+LayerNorm Triton kernel: checked on CPU through Triton's interpreter (the
+same kernel source the GPU compiles), and the encoder's guards where it cannot run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_encoder import _xlmr
+
+from rerank_ray import kernels
+from rerank_ray.encoder import PackedEncoder
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Results of _interpret_kernels.py, run with TRITON_INTERPRET=1 (it must be set before
+    Triton is imported, so in a process of its own)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = Path(__file__).with_name("_interpret_kernels.py")
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_equals_eager_add_then_layer_norm(interpreted):
+    assert interpreted["available_cpu"] is True
+    for key in ("torch.float32-1024", "torch.float32-96"):
+        r = interpreted[key]
+        assert r["in_place"], key
+        assert r["kernel_vs_eager"] < 1e-5, (key, r)
+    for key in ("torch.float16-1024", "torch.float16-96"):
+        r = interpreted[key]
+        assert r["in_place"], key
+        # Same rounding points as the eager fp16 pair: no further from the exact result.
+        assert r["kernel_vs_exact"] <= r["eager_vs_exact"] + 1e-6, (key, r)
+
+
+def test_kernel_rejects_mismatched_shapes(interpreted):
+    assert interpreted["shape_error"] and "row-major 2-D tensors" in interpreted["shape_error"]
+
+
+def test_encoder_with_fused_layer_norm_matches_hf(interpreted):
+    assert interpreted["xlmr_vs_hf"] < 1e-4
+    assert interpreted["bert_vs_hf"] < 1e-4
+
+
+def test_fused_layer_norm_is_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels.available(torch.device("cpu")) is False
+    with pytest.raises(ValueError, match="fused_layer_norm needs Triton and CUDA"):
+        PackedEncoder(_xlmr(), fused_layer_norm=True)
+    with pytest.raises(ValueError, match="pick one"):
+        PackedEncoder(_xlmr(), fused_layer_norm=True, compile=True)
