@@ -253,7 +253,10 @@ class Bench:
             PackedEncoder(self.model16, gelu_epilogue=True), ids, off, TokenBudget(budget, 512)
         )
         pk16f = score_rows(
-            PackedEncoder(self.model16, fused_layer_norm=True), ids, off, TokenBudget(budget, 512)
+            PackedEncoder(self.model16, fused_layer_norm=True, fused_gelu=True),
+            ids,
+            off,
+            TokenBudget(budget, 512),
         )
         queries = self.work.query_of_pair[:n]
 
@@ -272,9 +275,11 @@ class Bench:
             "hf_fp16_vs_hf_fp32_max_abs": float(np.abs(ref16 - ref32).max()),
             "packed_fp16_vs_hf_fp32_spearman_min_mean": per_query_spearman(pk16, ref32),
             "hf_fp16_vs_hf_fp32_spearman_min_mean": per_query_spearman(ref16, ref32),
-            "packed_fp16_fused_ln_vs_packed_fp16_max_abs": float(np.abs(pk16f - pk16).max()),
-            "packed_fp16_fused_ln_vs_hf_fp32_max_abs": float(np.abs(pk16f - ref32).max()),
-            "packed_fp16_fused_ln_vs_hf_fp32_spearman_min_mean": per_query_spearman(pk16f, ref32),
+            "packed_fp16_fused_kernels_vs_packed_fp16_max_abs": float(np.abs(pk16f - pk16).max()),
+            "packed_fp16_fused_kernels_vs_hf_fp32_max_abs": float(np.abs(pk16f - ref32).max()),
+            "packed_fp16_fused_kernels_vs_hf_fp32_spearman_min_mean": per_query_spearman(
+                pk16f, ref32
+            ),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_max_abs": float(np.abs(pk16g - ref32).max()),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_spearman_min_mean": per_query_spearman(
                 pk16g, ref32
@@ -331,21 +336,30 @@ class Bench:
                 build_and_warm_s=round(time.perf_counter() - t0, 1),
             )
             del enc
+        fused = {"fused_layer_norm": True, "fused_gelu": True}  # the scorer's default
         enc = PackedEncoder(self.model16, fused_layer_norm=True)
         self.run_packed(f"padding-free fp16 fused add+LN (Triton), budget {best}", enc, best, n)
-        enc = PackedEncoder(self.model16, gelu_epilogue=True)
-        self.run_packed(f"padding-free fp16 eager + GELU epilogue, budget {best}", enc, best, n)
+        enc = PackedEncoder(self.model16, **fused)
+        self.run_packed(
+            f"padding-free fp16 fused add+LN + fused exact GELU (default), budget {best}",
+            enc,
+            best,
+            n,
+        )
         enc = PackedEncoder(self.model16, gelu_epilogue=True, fused_layer_norm=True)
         self.run_packed(
-            f"padding-free fp16 GELU epilogue + fused add+LN (Triton), budget {best}", enc, best, n
+            f"padding-free fp16 GELU epilogue + fused add+LN (--fast-gelu), budget {best}",
+            enc,
+            best,
+            n,
         )
         if self.args.compile:
             enc = PackedEncoder(self.model16, gelu_epilogue=True, compile=True)
             self.run_packed(
                 f"padding-free fp16 GELU epilogue + compiled add+LN, budget {best}", enc, best, n
             )
-        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, fused_layer_norm=True)
-        self.run_packed(f"padding-free bf16 fused add+LN (Triton), budget {best}", enc, best, n)
+        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, **fused)
+        self.run_packed(f"padding-free bf16 fused kernels, budget {best}", enc, best, n)
 
     def profile(self):
         """Where a forward's GPU time goes: each GEMM shape of a layer alone (its TFLOP/s is
@@ -392,7 +406,7 @@ class Bench:
         )
         variants = {
             "eager": {},
-            "fused_ln": {"fused_layer_norm": True},
+            "fused_ln_fused_gelu": {"fused_layer_norm": True, "fused_gelu": True},
             "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
         }
         for label, kw in variants.items():
@@ -435,8 +449,69 @@ class Bench:
             }
             print("profile", label, json.dumps(report["forwards"][label])[:1500], flush=True)
             del enc
+        report["attention_alone"] = self._attention_probe(mb[1])
         self.report["profile"] = report
         self.save()
+
+    def _attention_probe(self, offsets):
+        """One layer's attention for a micro-batch's lengths, alone: the varlen kernel the
+        encoder uses vs. padded SDPA per backend (the micro-batch is length-sorted as the
+        scorer cuts it, so padding is small), padding/unpadding copies included."""
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.varlen import varlen_attn
+
+        lengths = np.sort(np.diff(offsets))
+        off = np.concatenate(([0], np.cumsum(lengths)))
+        n_tok, n_seq, max_len = int(off[-1]), len(lengths), int(lengths.max())
+        cu = torch.tensor(off, device="cuda", dtype=torch.int32)
+        qkv = torch.randn(n_tok, 3, 16, 64, device="cuda", dtype=torch.float16)
+        q, k, v = qkv.unbind(1)
+        row = torch.tensor(np.repeat(np.arange(n_seq), lengths), device="cuda")
+        col = torch.tensor(np.arange(n_tok) - np.repeat(off[:-1], lengths), device="cuda")
+        keep = (
+            torch.arange(max_len, device="cuda")[None, :]
+            < torch.tensor(lengths, device="cuda")[:, None]
+        )
+
+        def time_it(fn, reps=20):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+            return round(1e3 * (time.perf_counter() - t0) / reps, 3)
+
+        out = {"tokens": n_tok, "rows": n_seq, "max_len": max_len}
+        out["varlen_ms"] = time_it(lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len))
+
+        def padded(backend, masked):
+            def fn():
+                pad = qkv.new_zeros(n_seq, max_len, 3, 16, 64)
+                pad[row, col] = qkv
+                pq, pk, pv = (pad[:, :, i].transpose(1, 2) for i in range(3))
+                mask = keep[:, None, None, :] if masked else None
+                with sdpa_kernel([backend]):
+                    o = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask)
+                return o.transpose(1, 2)[row, col]
+
+            return fn
+
+        for name, backend in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+            for masked in (True, False):
+                key = f"padded_{name}_{'masked' if masked else 'unmasked_lower_bound'}_ms"
+                try:
+                    out[key] = time_it(padded(backend, masked))
+                except Exception as e:  # a backend refusing these inputs is a result too
+                    out[key] = f"{type(e).__name__}: {str(e)[:160]}"
+        print("attention probe", out, flush=True)
+        return out
 
     def hf_padded(self):
         ids, off = self.subset(self.args.hf_pairs)
@@ -522,18 +597,23 @@ class Bench:
         runs = []
         try:
             variants = [
-                (int(b), int(c), int(t))
+                (int(g), int(b), int(c), None if t == "default" else int(t), fg == "1")
+                for g in self.args.job_gpus.split(",")
+                for fg in self.args.job_fast_gelu.split(",")
                 for b in self.args.job_batch_rows.split(",")
                 for c in self.args.job_scorer_calls.split(",")
                 for t in str(self.args.tokenize_actors).split(",")
             ]
-            for batch_rows, calls, tok in variants:
-                walls = self._run_jobs(root, path, small, large, batch_rows, calls, tok)
+            for gpus, batch_rows, calls, tok, fast_gelu in variants:
+                walls = self._run_jobs(
+                    root, path, small, large, batch_rows, calls, tok, gpus, fast_gelu
+                )
                 steady = (large - small) / (walls["large"] - walls["small"])
                 runs.append(
                     {
-                        "gpus": torch.cuda.device_count(),
-                        "tokenize_actors": tok,
+                        "gpus": gpus,
+                        "fast_gelu": fast_gelu,
+                        "tokenize_actors": tok or f"default ({2 * gpus})",
                         "batch_rows": batch_rows,
                         "scorer_calls": calls,
                         "stages_in_large_run": trace_summary(trace_dir, walls["large_start"]),
@@ -561,7 +641,9 @@ class Bench:
         large: int,
         batch_rows: int,
         calls: int,
-        tokenize_actors: int,
+        tokenize_actors: int | None,
+        gpus: int,
+        fast_gelu: bool,
     ) -> dict[str, float]:
         import rerank_ray
 
@@ -569,15 +651,17 @@ class Bench:
         for name, n in (("small", small), ("large", large)):
             cfg = rerank_ray.JobConfig(
                 input=str(root / name),
-                output=str(root / f"out-{name}-{batch_rows}-{calls}-{tokenize_actors}"),
+                output=str(
+                    root / f"out-{name}-{batch_rows}-{calls}-{tokenize_actors}-{gpus}-{fast_gelu}"
+                ),
                 model=path,
                 device="cuda",
                 dtype="float16",
                 tokenize_actors=tokenize_actors,
-                num_actors=torch.cuda.device_count(),
+                num_actors=gpus,
                 batch_rows=batch_rows,
                 scorer_calls=calls,
-                fast_gelu=self.args.job_fast_gelu,
+                fast_gelu=fast_gelu,
             )
             walls[f"{name}_start"] = time.time()
             t0 = time.perf_counter()
@@ -748,15 +832,26 @@ def main(argv=None):
     p.add_argument("--profile-tokens", type=int, default=65_536)
     p.add_argument("--job-pairs", type=int, default=500_000)
     p.add_argument("--job-small-pairs", type=int, default=5_000)
-    p.add_argument("--tokenize-actors", default="12", help="Comma list: job runs per value.")
+    p.add_argument(
+        "--tokenize-actors",
+        default="default",
+        help="Comma list: job runs per value; 'default' = the job's own (2 per scoring actor).",
+    )
     p.add_argument("--job-batch-rows", default="2048", help="Comma list: job runs per value.")
     p.add_argument(
         "--job-scorer-calls", default="2", help="Comma list of scorer_calls: job runs per value."
     )
-    p.add_argument("--job-fast-gelu", action="store_true", help="Job runs with --fast-gelu.")
+    p.add_argument(
+        "--job-fast-gelu", default="0", help="Comma list of 0/1 (--fast-gelu): runs per value."
+    )
+    p.add_argument(
+        "--job-gpus", default=None, help="Comma list of scoring actors (one GPU each); default all."
+    )
     p.add_argument("--compile", action="store_true", help="Also time the torch.compile variant.")
     args = p.parse_args(argv)
     args.budgets = [int(b) for b in args.budgets.split(",")]
+    if args.job_gpus is None:
+        args.job_gpus = str(max(1, torch.cuda.device_count()))
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
     if unknown:

@@ -11,7 +11,7 @@ from typing import Any
 
 from rerank_ray.config import ConfigError, JobConfig
 
-_BOOL_TRUE_DEFAULT = {"s3_verify_tls"}
+_BOOL_TRUE_DEFAULT = {"s3_verify_tls", "fused_kernels"}
 
 
 def add_job_flags(parser: argparse.ArgumentParser) -> None:

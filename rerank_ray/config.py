@@ -77,6 +77,12 @@ class JobConfig:
         help="GPU only: fuse a tanh-approximated GELU into the feed-forward matmul (~7% faster "
         "on H200; logits move by up to ~2e-3 from the exact GELU).",
     )
+    fused_kernels: bool = _f(
+        True,
+        help="GPU: residual add + LayerNorm and the exact GELU as fused Triton kernels (same "
+        "numerics as PyTorch's ops, ~16% faster on H200); checked at actor start, eager ops "
+        "if the check fails.",
+    )
     # --- scale ----------------------------------------------------------------------------
     device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
     num_actors: int | None = _f(
@@ -270,7 +276,13 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}.")
 
 
-_BOOL_FIELDS = {"s3_verify_tls", "allow_pickle_weights", "trust_remote_code", "fast_gelu"}
+_BOOL_FIELDS = {
+    "s3_verify_tls",
+    "allow_pickle_weights",
+    "trust_remote_code",
+    "fast_gelu",
+    "fused_kernels",
+}
 _INT_FIELDS = {
     "max_length",
     "query_max_length",

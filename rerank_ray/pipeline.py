@@ -360,6 +360,7 @@ class _ResolvedScore:
             token_budget=cfg.token_budget,
             max_length=cfg.max_length,
             fast_gelu=cfg.fast_gelu,
+            fused_kernels=cfg.fused_kernels,
             concurrent_calls=calls,
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,

@@ -6,6 +6,8 @@ and put back in input order. Rejected rows pass through with null scores.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,6 +16,7 @@ from rerank_ray import packing, schema
 from rerank_ray.autotune import MicroBatch, TokenBudget, autotune_token_budget, score_microbatches
 
 CPU_TOKEN_BUDGET = 8192
+logger = logging.getLogger(__name__)
 
 
 class ScoreStage:
@@ -35,9 +38,13 @@ class ScoreStage:
         max_length: int = 512,
         fast_gelu: bool = False,
         concurrent_calls: int = 1,
+        fused_kernels: bool = True,
     ) -> None:
         """``concurrent_calls``: how many ``__call__`` may run at once in threads (the job's
-        ``scorer_calls``); the autotuned budget leaves memory for that many forward passes."""
+        ``scorer_calls``); the autotuned budget leaves memory for that many forward passes.
+        ``fused_kernels``: on a GPU with Triton, residual add + LayerNorm and the exact GELU
+        run as fused Triton kernels (same numerics as the eager ops; checked at start, eager
+        ops if the check fails)."""
         import time
 
         from rerank_ray import kernels
@@ -61,10 +68,15 @@ class ScoreStage:
             # faster on an H200 but moves logits off HF's exact GELU, so it is opt-in. The
             # fused add+LayerNorm kernel keeps the eager numerics, so it is on where Triton is.
             gelu_epilogue = fast_gelu and model.config.hidden_act.startswith("gelu")
+            fused = fused_kernels and kernels.available(self.device)
+            if fused and (problem := kernels.self_check(self.device, self.dtype)):
+                logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
+                fused = False
             self.runner = PackedEncoder(
                 model,
                 gelu_epilogue=gelu_epilogue,
-                fused_layer_norm=kernels.available(self.device),
+                fused_layer_norm=fused,
+                fused_gelu=fused and model.config.hidden_act == "gelu" and not gelu_epilogue,
             )
         else:
             self.runner = PaddedRunner(model, self.device)

@@ -17,6 +17,7 @@ def test_defaults_follow_flagreranker():
     assert cfg.effective_query_max_length == 512 * 3 // 4
     assert cfg.partition_by == ["run_date"]
     assert cfg.trust_remote_code is False and cfg.allow_pickle_weights is False
+    assert cfg.fused_kernels is True and cfg.fast_gelu is False
 
 
 @pytest.mark.parametrize(
@@ -78,6 +79,7 @@ def test_flags_build_the_same_config():
             "run_date,lang",
             "--no-s3-verify-tls",
             "--allow-pickle-weights",
+            "--no-fused-kernels",
         ]
     )
     cfg = config_from_args(args)
@@ -88,6 +90,7 @@ def test_flags_build_the_same_config():
         partition_by=["run_date", "lang"],
         s3_verify_tls=False,
         allow_pickle_weights=True,
+        fused_kernels=False,
     )
 
 
