@@ -102,7 +102,6 @@ class PackedEncoder:
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
-        fused_gelu: bool = False,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
@@ -114,8 +113,7 @@ class PackedEncoder:
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.
         ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
-        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``); ``fused_gelu`` runs the
-        exact GELU as a Triton kernel in place (models with ``hidden_act="gelu"``).
+        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         """
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -220,22 +218,6 @@ class PackedEncoder:
         else:
             self._add_ln = _add_layer_norm
         self.fused_layer_norm = fused_layer_norm
-        if fused_gelu:
-            from rerank_ray import kernels
-
-            if cfg.hidden_act != "gelu" or gelu_epilogue:
-                raise ValueError(
-                    f"fused_gelu is the exact GELU of hidden_act='gelu' (this model: "
-                    f"{cfg.hidden_act!r}) and excludes gelu_epilogue."
-                )
-            if not kernels.available(self.device):
-                raise ValueError(
-                    f"fused_gelu needs Triton and CUDA (device {self.device}); leave it off here."
-                )
-            self._activation = kernels.gelu_
-        else:
-            self._activation = _ACTIVATIONS[self._act]
-        self.fused_gelu = fused_gelu
 
     # --- host side --------------------------------------------------------------------------
     def _stage(
@@ -330,7 +312,7 @@ class PackedEncoder:
             if self._gelu_epilogue:
                 h = torch._addmm_activation(w.up_b, x, w.up_w.t(), use_gelu=True)
             else:
-                h = self._activation(F.linear(x, w.up_w, w.up_b))
+                h = _ACTIVATIONS[self._act](F.linear(x, w.up_w, w.up_b))
             x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
         first = x.index_select(0, cu[:-1])
         pooled = torch.tanh(F.linear(first, *self._head))

@@ -42,9 +42,9 @@ class ScoreStage:
     ) -> None:
         """``concurrent_calls``: how many ``__call__`` may run at once in threads (the job's
         ``scorer_calls``); the autotuned budget leaves memory for that many forward passes.
-        ``fused_kernels``: on a GPU with Triton, residual add + LayerNorm and the exact GELU
-        run as fused Triton kernels (same numerics as the eager ops; checked at start, eager
-        ops if the check fails)."""
+        ``fused_kernels``: on a GPU with Triton, each residual add + LayerNorm runs as one
+        Triton kernel (same numerics as the eager pair; checked at start, eager ops if the
+        check fails)."""
         import time
 
         from rerank_ray import kernels
@@ -66,7 +66,7 @@ class ScoreStage:
         if on_gpu and model.config.model_type in SUPPORTED_MODEL_TYPES:
             # Padding-free fast path (encoder.py). The GELU epilogue (tanh form) runs ~7%
             # faster on an H200 but moves logits off HF's exact GELU, so it is opt-in. The
-            # fused add+LayerNorm kernel keeps the eager numerics, so it is on where Triton is.
+            # fused add+LayerNorm kernel keeps the eager numerics, so it is on by default.
             gelu_epilogue = fast_gelu and model.config.hidden_act.startswith("gelu")
             fused = fused_kernels and kernels.available(self.device)
             if fused and (problem := kernels.self_check(self.device, self.dtype)):
@@ -76,7 +76,6 @@ class ScoreStage:
                 model,
                 gelu_epilogue=gelu_epilogue,
                 fused_layer_norm=fused,
-                fused_gelu=fused and model.config.hidden_act == "gelu" and not gelu_epilogue,
             )
         else:
             self.runner = PaddedRunner(model, self.device)

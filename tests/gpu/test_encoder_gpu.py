@@ -88,8 +88,10 @@ def test_autotune_respects_a_memory_cap_and_backoff_keeps_rows(tmp_path):
             enc, model="tiny", dtype="float16", max_length=512, cache_path=tmp_path / "c.json"
         )
         assert 512 <= budget <= 65_536 and budget % 512 == 0
-        ids, offsets = _batch(400, seed=2)
-        tb = TokenBudget(budget * 64, 512)  # far too large: must back off on real OOM
+        # ~1M tokens in one forward: its 4-layer activations (~2 GiB for the feed-forward
+        # alone) cannot fit in 1.5 GiB, so the budget must back off on real OOM.
+        ids, offsets = _batch(4000, seed=2)
+        tb = TokenBudget(budget * 64, 512)
         (scores,) = score_microbatches(enc, [MicroBatch(ids, offsets)], tb)
         assert tb.value < budget * 64
     finally:
