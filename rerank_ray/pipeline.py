@@ -47,7 +47,9 @@ def run(
         cache_dir=cfg.model_cache_dir,
         allow_pickle_weights=cfg.allow_pickle_weights,
     )
-    fingerprint = storage.weights_fingerprint(model_dir)
+    # Hashing the weights (GBs) is only needed for the manifest: it runs in a thread while
+    # the job starts its actors, and is joined when the manifest is written.
+    fingerprint = _in_thread(storage.weights_fingerprint, model_dir)
     log.info(
         "rerank run %s: %d rows in %d %s file(s) from %s -> %s",
         cfg.run_id,
@@ -67,6 +69,31 @@ def run(
         sink.release_lock(cfg.output, s3, cfg.run_id, lock)
     print(summary_line(manifest), flush=True)
     return manifest
+
+
+def _in_thread(fn, *args) -> Callable[[], Any]:
+    """Start ``fn(*args)`` in a daemon thread; the returned callable waits for its result
+    (re-raising its exception)."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller on join
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name=getattr(fn, "__name__", "work"), daemon=True)
+    thread.start()
+
+    def join() -> Any:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return join
 
 
 TOKENIZE_ACTORS_PER_SCORER = 2
@@ -133,7 +160,6 @@ def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t
         expected_rows=plan.num_rows,
         manifest_extra={
             "model": cfg.model,
-            "weights_sha256": fingerprint,
             "input": cfg.input,
             "output": cfg.output,
             "input_files": len(plan.paths),
@@ -144,6 +170,7 @@ def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t
         filtered_reasons=filtered_reasons,
         resumed=resumed,
         rows_per_file=cfg.rows_per_file,
+        late_manifest_extra=lambda: {"weights_sha256": fingerprint()},
     )
     out.started = t0
     if not todo:

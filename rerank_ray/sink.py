@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -289,6 +289,7 @@ class RerankSink(Datasink[list]):
         filtered_reasons: tuple[str, ...] = (),
         resumed: ResumeState | None = None,
         rows_per_file: int = 200_000,
+        late_manifest_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.output_uri = output_uri
         self.s3 = s3
@@ -303,6 +304,14 @@ class RerankSink(Datasink[list]):
         self.rows_per_file = rows_per_file
         self.started = time.time()
         self.manifest: dict[str, Any] | None = None
+        # Driver only (called at commit, e.g. to join a hash running in a thread): not sent to
+        # the write tasks, which never commit.
+        self._late_manifest_extra = late_manifest_extra
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_late_manifest_extra"] = None
+        return state
 
     # -- on the workers --------------------------------------------------------------------
     def write(self, blocks: Iterable[Any], ctx) -> list:
@@ -420,6 +429,7 @@ class RerankSink(Datasink[list]):
                 f"out ({totals.scored} scored + {totals.rejected} rejected + {totals.filtered} "
                 f"filtered). Nothing was committed to {self.output_uri}; rerun the job."
             )
+        late = self._late_manifest_extra() if self._late_manifest_extra else {}
         previous = _read_json(fs, storage.join(base, MANIFESTS_DIR, f"{self.run_id}.json"))
         committed = _move_all(fs, staging, base, totals.files)
         wall = time.time() - self.started
@@ -445,6 +455,7 @@ class RerankSink(Datasink[list]):
             "replaced_previous_commit": bool(previous),
             "files": rel,
             **self.manifest_extra,
+            **late,
         }
         body = json.dumps(self.manifest, indent=2).encode()
         _write_bytes(fs, storage.join(base, MANIFESTS_DIR, f"{self.run_id}.json"), body)

@@ -41,3 +41,38 @@ def test_endpoint_from_env(monkeypatch):
 def test_error_descriptions_give_the_fix():
     assert "bucket does not exist" in describe_error(OSError("NoSuchBucket: x"))
     assert "credentials" in describe_error(OSError("AWS Error ACCESS_DENIED"))
+
+
+def test_background_work_returns_its_value_or_raises_its_error():
+    from rerank_ray.pipeline import _in_thread
+
+    assert _in_thread(lambda a, b: a + b, 2, 3)() == 5
+
+    def fails():
+        raise FileNotFoundError("weights gone")
+
+    with pytest.raises(FileNotFoundError, match="weights gone"):
+        _in_thread(fails)()
+
+
+def test_sink_sends_no_driver_callback_to_write_tasks(tmp_path):
+    import pickle
+    import threading
+
+    from rerank_ray import sink
+
+    lock = threading.Lock()  # unpicklable, like a thread's handle
+    out = sink.RerankSink(
+        output_uri=str(tmp_path),
+        s3=S3Settings(),
+        run_id="r1",
+        run_date="2026-11-22",
+        partition_by=["run_date"],
+        expected_rows=0,
+        manifest_extra={},
+        late_manifest_extra=lambda: {"held": lock.locked()},
+    )
+    copy = pickle.loads(pickle.dumps(out))
+    assert copy._late_manifest_extra is None and out._late_manifest_extra is not None
+    manifest = out.commit([])
+    assert manifest["held"] is False and manifest["rows_read"] == 0
