@@ -261,6 +261,11 @@ def build_dataset(
     ds = source.read_dataset(plan, cfg, paths)
     if extra_drop:
         ds = ds.drop_columns(extra_drop)
+    # The reader hands on a shard as one block, and a map stage emits one block per input
+    # block: scoring would wait until a whole shard (of any size) was tokenized, and a few
+    # large shards would spread unevenly over many GPUs. Streaming repartition (no barrier)
+    # cuts blocks to batch_rows rows, so tokenized rows reach the GPUs a batch at a time.
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_rows)
     ds = ds.map_batches(
         _ResolvedTokenize,
         fn_constructor_kwargs={

@@ -308,6 +308,12 @@ class RerankSink(Datasink[list]):
         # the write tasks, which never commit.
         self._late_manifest_extra = late_manifest_extra
 
+    @property
+    def min_rows_per_write(self) -> int:
+        """Ray Data bundles blocks until a write task has this many rows: scored rows arrive
+        in blocks of a batch, and without it every block would be a file of its own."""
+        return self.rows_per_file
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_late_manifest_extra"] = None

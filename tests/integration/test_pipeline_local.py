@@ -253,6 +253,35 @@ def test_each_shard_reaches_the_pipeline_as_its_own_bundle(ray_local, tmp_path):
     assert sorted(b.num_rows() for b in bundles) == [500] * 8
 
 
+def test_a_large_shard_reaches_the_scorer_a_batch_at_a_time(ray_local, tiny_model_dir, tmp_path):
+    """The reader gives a shard as one block and a map stage emits one block per input
+    block, so the scorer waited for a whole shard to be tokenized (seen on an H200: the first
+    scoring call came ~5 s after the scorer was ready with 50k-row shards). The job splits
+    blocks to batch_rows; the sink still writes one file per shard, not one per block."""
+    from rerank_ray.pipeline import build_dataset, s3_settings
+    from rerank_ray.source import plan_source
+
+    table = make_pairs(3000)
+    write_shards(table, tmp_path / "in", shards=1)
+    cfg = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        batch_rows=500,
+        tokenize_actors=1,
+        num_actors=1,
+    ).with_defaults_resolved()
+    s3 = s3_settings(cfg)
+    scored = build_dataset(cfg, plan_source(cfg, s3), s3)
+    sizes = [b.num_rows() for b in scored.iter_internal_ref_bundles()]
+    assert sum(sizes) == table.num_rows
+    assert max(sizes) <= cfg.batch_rows and len(sizes) >= table.num_rows // cfg.batch_rows
+
+    manifest = run(cfg)
+    data_files = [f for f in manifest["files"] if not f.startswith(schema.REJECTS_DIR)]
+    assert manifest["rows_scored"] == table.num_rows and len(data_files) == 1
+
+
 @pytest.mark.slow
 def test_stage_traces_account_for_every_row(tiny_model_dir, tmp_path):
     """With RERANK_RAY_TRACE_DIR set, the actors' call traces add up to the input, and each
