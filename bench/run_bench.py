@@ -139,6 +139,18 @@ def timed(fn, sync=True):
     return value, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / GIB
 
 
+def seconds_per_call(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Mean wall seconds of ``fn()`` on the GPU, after ``warmup`` calls, synchronized."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -219,14 +231,8 @@ class Bench:
             n = 8192
             a = torch.randn(n, n, device="cuda", dtype=dtype)
             b = torch.randn(n, n, device="cuda", dtype=dtype)
-            for _ in range(3):
-                a @ b
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                a @ b
-            torch.cuda.synchronize()
-            peaks[str(dtype).split(".")[-1]] = 2 * n**3 * 20 / (time.perf_counter() - t0) / 1e12
+            sec = seconds_per_call(lambda a=a, b=b: a @ b)
+            peaks[str(dtype).split(".")[-1]] = 2 * n**3 / sec / 1e12
             del a, b
         self.peak = max(peaks.values())
         self.report["matmul_peak_tflops"] = {k: round(v, 1) for k, v in peaks.items()}
@@ -371,14 +377,7 @@ class Bench:
             a = torch.randn(t, k, device="cuda", dtype=torch.float16)
             w = torch.randn(n, k, device="cuda", dtype=torch.float16)
             b = torch.randn(n, device="cuda", dtype=torch.float16)
-            for _ in range(3):
-                F.linear(a, w, b)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(20):
-                F.linear(a, w, b)
-            torch.cuda.synchronize()
-            sec = (time.perf_counter() - t0) / 20
+            sec = seconds_per_call(lambda a=a, w=w, b=b: F.linear(a, w, b))
             gemms[name] = {
                 "ms": round(1e3 * sec, 3),
                 "tflops": round(2 * t * k * n / sec / 1e12, 1),
@@ -406,14 +405,8 @@ class Bench:
         }
         for label, kw in variants.items():
             enc = PackedEncoder(self.model16, **kw)
-            for _ in range(3):
-                enc.score(*mb)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
             reps = 5
-            for _ in range(reps):
-                enc.score(*mb)
-            wall = (time.perf_counter() - t0) / reps
+            wall = seconds_per_call(lambda enc=enc: enc.score(*mb), reps=reps)
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(reps):
                     enc.score(*mb)
@@ -469,15 +462,8 @@ class Bench:
             < torch.tensor(lengths, device="cuda")[:, None]
         )
 
-        def time_it(fn, reps=20):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            torch.cuda.synchronize()
-            return round(1e3 * (time.perf_counter() - t0) / reps, 3)
+        def time_it(fn):
+            return round(1e3 * seconds_per_call(fn), 3)
 
         out = {"tokens": n_tok, "rows": n_seq, "max_len": max_len}
         out["varlen_ms"] = time_it(lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len))

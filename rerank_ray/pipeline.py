@@ -72,28 +72,14 @@ def run(
 
 
 def _in_thread(fn, *args) -> Callable[[], Any]:
-    """Start ``fn(*args)`` in a daemon thread; the returned callable waits for its result
+    """Start ``fn(*args)`` in a thread; the returned callable waits for its result
     (re-raising its exception)."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
 
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as e:  # handed to the caller on join
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name=getattr(fn, "__name__", "work"), daemon=True)
-    thread.start()
-
-    def join() -> Any:
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-
-    return join
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=getattr(fn, "__name__", "work"))
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return future.result
 
 
 TOKENIZE_ACTORS_PER_SCORER = 2
@@ -101,9 +87,8 @@ TOKENIZE_ACTORS_PER_SCORER = 2
 
 def tokenize_actors(cfg: JobConfig, scorers: int) -> int:
     """Size of the tokenize pool: as configured, else 2 per scoring actor. One H200 scores
-    ~5,700 pairs/s of the bench mix; one core tokenized ~3,700 of it with the HF tokenizer
-    call (H200 host) and 1.3-2.5x that with the Rust batch path (2-core dev machine); see
-    bench/results, 2026-11-22. A fixed 2 would cap a many-GPU job at about one GPU's rate."""
+    ~6,200 pairs/s of the bench mix and one tokenize actor ~9,000 on that host (job traces,
+    bench/results, 2026-11-22). A fixed 2 would cap a many-GPU job at about one GPU's rate."""
     return cfg.tokenize_actors or TOKENIZE_ACTORS_PER_SCORER * scorers
 
 
