@@ -217,6 +217,7 @@ class PackedEncoder:
             self._add_ln = torch.compile(_add_layer_norm, dynamic=True)
         else:
             self._add_ln = _add_layer_norm
+        self.fused_layer_norm = fused_layer_norm
 
     # --- host side --------------------------------------------------------------------------
     def _stage(

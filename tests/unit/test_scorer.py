@@ -105,3 +105,33 @@ def test_concurrent_calls_of_one_stage_equal_one_at_a_time(tiny_model_dir):
     for i, out in enumerate(together):
         np.testing.assert_array_equal(out[schema.SCORE].to_numpy(), alone[i % len(tables)])
         assert out["doc_id"].to_pylist() == tables[i % len(tables)]["doc_id"].to_pylist()
+
+
+def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
+    tiny_model_dir, monkeypatch, caplog
+):
+    """A GPU where the Triton kernel cannot compile (or computes wrong) still scores, with
+    the eager ops and a warning that says why; --no-fused-kernels never runs the check."""
+    from rerank_ray import kernels
+    from rerank_ray.scorer import packed_runner
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    monkeypatch.setattr(kernels, "self_check", lambda device, dtype: "CompilationError: sm_52")
+    with caplog.at_level("WARNING", logger="rerank_ray.scorer"):
+        runner = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
+    assert runner.fused_layer_norm is False
+    assert "Fused kernels off" in caplog.text and "CompilationError: sm_52" in caplog.text
+
+    def must_not_run(device, dtype):
+        raise AssertionError("self_check ran with fused_kernels off")
+
+    monkeypatch.setattr(kernels, "self_check", must_not_run)
+    assert packed_runner(model, cpu, torch.float32, False, False).fused_layer_norm is False
+
+    ids = np.array([0, 5, 6, 2, 2, 7, 8, 9, 2], dtype=np.int32)
+    offsets = np.array([0, 9], dtype=np.int64)
+    with torch.inference_mode():
+        want = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None]).logits.view(-1)
+    np.testing.assert_allclose(runner.score(ids, offsets, None), want.numpy(), atol=1e-4)
