@@ -264,6 +264,9 @@ class Bench:
             off,
             TokenBudget(budget, 512),
         )
+        pk16k = score_rows(  # the scorer's default: every Triton kernel (kernels.py)
+            PackedEncoder(self.model16, **DEFAULT_KERNELS), ids, off, TokenBudget(budget, 512)
+        )
         queries = self.work.query_of_pair[:n]
 
         def per_query_spearman(a, b):
@@ -285,6 +288,12 @@ class Bench:
             "packed_fp16_fused_kernels_vs_hf_fp32_max_abs": float(np.abs(pk16f - ref32).max()),
             "packed_fp16_fused_kernels_vs_hf_fp32_spearman_min_mean": per_query_spearman(
                 pk16f, ref32
+            ),
+            "packed_fp16_all_kernels_vs_packed_fp16_max_abs": float(np.abs(pk16k - pk16).max()),
+            "packed_fp16_all_kernels_vs_hf_fp16_max_abs": float(np.abs(pk16k - ref16).max()),
+            "packed_fp16_all_kernels_vs_hf_fp32_max_abs": float(np.abs(pk16k - ref32).max()),
+            "packed_fp16_all_kernels_vs_hf_fp32_spearman_min_mean": per_query_spearman(
+                pk16k, ref32
             ),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_max_abs": float(np.abs(pk16g - ref32).max()),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_spearman_min_mean": per_query_spearman(
@@ -342,10 +351,20 @@ class Bench:
                 build_and_warm_s=round(time.perf_counter() - t0, 1),
             )
             del enc
-        fused = {"fused_layer_norm": True}  # the scorer's default
+        fused = {"fused_layer_norm": True}
         enc = PackedEncoder(self.model16, **fused)
+        self.run_packed(f"padding-free fp16 fused add+LN (Triton), budget {best}", enc, best, n)
+        enc = PackedEncoder(self.model16, fused_layer_norm=True, fused_gelu=True)
         self.run_packed(
-            f"padding-free fp16 fused add+LN (Triton; default), budget {best}", enc, best, n
+            f"padding-free fp16 fused add+LN + GELU matmul (Triton), budget {best}", enc, best, n
+        )
+        enc = PackedEncoder(self.model16, fused_layer_norm=True, attention="triton")
+        self.run_packed(
+            f"padding-free fp16 fused add+LN + attention (Triton), budget {best}", enc, best, n
+        )
+        enc = PackedEncoder(self.model16, **DEFAULT_KERNELS)
+        self.run_packed(
+            f"padding-free fp16 all Triton kernels (default), budget {best}", enc, best, n
         )
         enc = PackedEncoder(self.model16, gelu_epilogue=True, fused_layer_norm=True)
         self.run_packed(
@@ -359,8 +378,8 @@ class Bench:
             self.run_packed(
                 f"padding-free fp16 GELU epilogue + compiled add+LN, budget {best}", enc, best, n
             )
-        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, **fused)
-        self.run_packed(f"padding-free bf16 fused kernels, budget {best}", enc, best, n)
+        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, **DEFAULT_KERNELS)
+        self.run_packed(f"padding-free bf16 all Triton kernels, budget {best}", enc, best, n)
 
     def profile(self):
         """Where a forward's GPU time goes: each GEMM shape of a layer alone (its TFLOP/s is
@@ -402,6 +421,7 @@ class Bench:
             "eager": {},
             "fused_ln": {"fused_layer_norm": True},
             "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
+            "all_triton_kernels": DEFAULT_KERNELS,
         }
         for label, kw in variants.items():
             enc = PackedEncoder(self.model16, **kw)
@@ -438,6 +458,7 @@ class Bench:
             print("profile", label, json.dumps(report["forwards"][label])[:1500], flush=True)
             del enc
         report["attention_alone"] = self._attention_probe(mb[1])
+        report["kernels_alone"] = self._kernel_probe(mb[1])
         self.report["profile"] = report
         self.save()
 
@@ -492,6 +513,63 @@ class Bench:
                 except Exception as e:  # a backend refusing these inputs is a result too
                     out[key] = f"{type(e).__name__}: {str(e)[:160]}"
         print("attention probe", out, flush=True)
+        return out
+
+    def _kernel_probe(self, offsets):
+        """The Triton kernels alone against what they replace, at one micro-batch's tokens:
+        the exact-GELU matmul vs F.linear + F.gelu (and cuBLASLt's tanh epilogue), the varlen
+        attention vs varlen_attn (FA2) on the same lengths unsorted and length-sorted (the
+        scorer sorts each block), with the config each autotuner picked."""
+        import torch.nn.functional as F
+        from torch.nn.attention.varlen import varlen_attn
+
+        from rerank_ray import kernels
+
+        def time_it(fn):
+            return round(1e3 * seconds_per_call(fn), 3)
+
+        t = int(offsets[-1])
+        x = torch.randn(t, 1024, device="cuda", dtype=torch.float16)
+        w = torch.randn(4096, 1024, device="cuda", dtype=torch.float16) * 0.03
+        b = torch.randn(4096, device="cuda", dtype=torch.float16)
+        out = {"tokens": t}
+        out["gemm_gelu_eager_ms"] = time_it(lambda: F.gelu(F.linear(x, w, b)))
+        out["gemm_gelu_triton_ms"] = time_it(lambda: kernels.linear_gelu(x, w, b))
+        out["gemm_tanh_epilogue_ms"] = time_it(
+            lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        )
+        out["gemm_gelu_max_abs_diff"] = float(
+            (kernels.linear_gelu(x, w, b).float() - F.gelu(F.linear(x, w, b)).float()).abs().max()
+        )
+        gk = kernels._linear_gelu_kernel()[0]
+        out["gemm_best_config"] = str(getattr(gk, "best_config", None))
+        out["gemm_config_ms"] = {
+            str(k): round(float(v[0] if isinstance(v, list | tuple) else v), 3)
+            for k, v in (getattr(gk, "configs_timings", None) or {}).items()
+        }
+        lengths = np.diff(offsets)
+        for label, lens in (("unsorted", lengths), ("sorted", np.sort(lengths))):
+            off = np.concatenate(([0], np.cumsum(lens)))
+            n_tok, max_len = int(off[-1]), int(lens.max())
+            cu = torch.tensor(off, device="cuda", dtype=torch.int32)
+            qkv = torch.randn(n_tok, 3 * 1024, device="cuda", dtype=torch.float16)
+            q, k, v = qkv.view(n_tok, 3, 16, 64).unbind(1)
+            out[f"attn_{label}_fa2_ms"] = time_it(
+                lambda q=q, k=k, v=v, cu=cu, m=max_len: varlen_attn(q, k, v, cu, cu, m, m)
+            )
+            out[f"attn_{label}_triton_ms"] = time_it(
+                lambda qkv=qkv, cu=cu, m=max_len: kernels.varlen_attention(qkv, cu, m, 16)
+            )
+            ref = varlen_attn(q, k, v, cu, cu, max_len, max_len).reshape(n_tok, 1024)
+            got = kernels.varlen_attention(qkv, cu, max_len, 16)
+            out[f"attn_{label}_max_abs_diff"] = float((got.float() - ref.float()).abs().max())
+        ak = kernels._attention_kernel()[0]
+        out["attn_best_config"] = str(getattr(ak, "best_config", None))
+        out["attn_config_ms"] = {
+            str(k): round(float(v[0] if isinstance(v, list | tuple) else v), 3)
+            for k, v in (getattr(ak, "configs_timings", None) or {}).items()
+        }
+        print("kernel probe", out, flush=True)
         return out
 
     def hf_padded(self):
@@ -746,6 +824,10 @@ class Bench:
         )
         fig.tight_layout()
         fig.savefig(self.out / "bench.png", dpi=110)
+
+
+# What the scorer runs on a GPU by default (scorer.packed_runner with fused_kernels on).
+DEFAULT_KERNELS = {"fused_layer_norm": True, "fused_gelu": True, "attention": "triton"}
 
 
 def trace_summary(trace_dir: Path, since: float) -> dict:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
-ATTENTION_BACKENDS = ("auto", "varlen", "sdpa")
+ATTENTION_BACKENDS = ("auto", "varlen", "triton", "sdpa")
 _ROBERTA_LIKE = ("xlm-roberta", "roberta")
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -68,6 +68,11 @@ def _add_layer_norm(
     return F.layer_norm(y + residual, (y.shape[-1],), weight, bias, eps)
 
 
+def _linear_tanh_gelu_epilogue(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bias + GELU in cuBLASLt's matmul epilogue: the tanh approximation (``--fast-gelu``)."""
+    return torch._addmm_activation(b, x, w.t(), use_gelu=True)
+
+
 class PendingScores:
     """Scores of a submitted micro-batch; ``result()`` waits for the device and returns them."""
 
@@ -102,18 +107,23 @@ class PackedEncoder:
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
+        fused_gelu: bool = False,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
         ``device``/``dtype`` default to the model's. ``attention``: ``varlen`` (CUDA flash
-        attention over cu_seqlens), ``sdpa`` (padded per micro-batch, exact, any device) or
-        ``auto`` (varlen where available with fp16/bf16, else sdpa). ``compile`` fuses each
+        attention over cu_seqlens), ``triton`` (``kernels.varlen_attention``: flash attention
+        reading the fused QKV output in place, tiled for short sequences), ``sdpa`` (padded per
+        micro-batch, exact, any device) or ``auto`` (varlen where available with fp16/bf16,
+        else sdpa). ``compile`` fuses each
         residual add with its LayerNorm through ``torch.compile`` (dynamic shapes).
         ``gelu_epilogue`` computes bias + GELU inside the feed-forward matmul (cuBLASLt
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.
         ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
-        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``). ``fused_gelu`` runs the
+        feed-forward up-projection with its bias and exact GELU as one Triton matmul
+        (``kernels.linear_gelu``; HF's numerics, unlike ``gelu_epilogue``).
         """
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -197,10 +207,36 @@ class PackedEncoder:
                 "attention='varlen' needs CUDA and torch.nn.attention.varlen.varlen_attn "
                 f"(device {self.device}, torch {torch.__version__}); use attention='sdpa'."
             )
+        if attention == "triton":
+            from rerank_ray import kernels
+
+            head_dim = self._hidden // self._heads
+            if not (kernels.available(self.device) and kernels.attention_supported(head_dim)):
+                raise ValueError(
+                    f"attention='triton' needs Triton, CUDA and a head size of 16, 32, 64 or 128 "
+                    f"(device {self.device}, head size {head_dim}); use 'varlen' or 'sdpa'."
+                )
         self.attention = attention
         if gelu_epilogue and (not on_cuda or not cfg.hidden_act.startswith("gelu")):
             raise ValueError("gelu_epilogue needs CUDA and a GELU model; leave it off here.")
         self._gelu_epilogue = gelu_epilogue
+        if fused_gelu:
+            from rerank_ray import kernels
+
+            if gelu_epilogue:
+                raise ValueError("fused_gelu and gelu_epilogue both fuse the GELU; pick one.")
+            if cfg.hidden_act != "gelu" or not kernels.available(self.device):
+                raise ValueError(
+                    f"fused_gelu needs Triton, CUDA and an exact-GELU model (device "
+                    f"{self.device}, hidden_act {cfg.hidden_act!r}); leave it off here."
+                )
+            self._up = kernels.linear_gelu
+        elif gelu_epilogue:
+            self._up = _linear_tanh_gelu_epilogue
+        else:
+            act = _ACTIVATIONS[cfg.hidden_act]
+            self._up = lambda x, w, b: act(F.linear(x, w, b))
+        self.fused_gelu = fused_gelu
         self._pin = on_cuda
         if fused_layer_norm:
             from rerank_ray import kernels
@@ -278,6 +314,10 @@ class PackedEncoder:
         self, qkv: torch.Tensor, cu: torch.Tensor, max_len: int, rowcol: torch.Tensor | None
     ) -> torch.Tensor:
         n_tok = qkv.shape[0]
+        if self.attention == "triton":
+            from rerank_ray import kernels
+
+            return kernels.varlen_attention(qkv, cu, max_len, self._heads)
         qkv = qkv.view(n_tok, 3, self._heads, self._hidden // self._heads)
         if self.attention == "varlen":
             q, k, v = qkv.unbind(1)
@@ -309,10 +349,7 @@ class PackedEncoder:
         for w in self._layers:
             attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, rowcol)
             x = self._add_ln(F.linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
-            if self._gelu_epilogue:
-                h = torch._addmm_activation(w.up_b, x, w.up_w.t(), use_gelu=True)
-            else:
-                h = _ACTIVATIONS[self._act](F.linear(x, w.up_w, w.up_b))
+            h = self._up(x, w.up_w, w.up_b)
             x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
         first = x.index_select(0, cu[:-1])
         pooled = torch.tanh(F.linear(first, *self._head))

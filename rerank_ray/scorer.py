@@ -134,20 +134,35 @@ class ScoreStage:
 def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     """The padding-free fast path (encoder.py) for a loaded model on a GPU.
 
-    The GELU epilogue (tanh form) runs ~8% faster on an H200 but moves logits off HF's exact
-    GELU, so it is opt-in. The fused add+LayerNorm kernel keeps the eager numerics, so it is
-    on where Triton runs, unless its self-check fails on this GPU: then eager ops, with a
-    warning saying why.
+    The GELU epilogue (tanh form) moves logits off HF's exact GELU, so it is opt-in. The
+    Triton kernels (kernels.py: add+LayerNorm, the exact-GELU matmul, varlen attention) keep
+    HF's numerics, so they are on where Triton runs and the model's shapes allow, unless their
+    self-check fails on this GPU: then eager ops, with a warning saying why.
     """
     from rerank_ray import kernels
     from rerank_ray.encoder import PackedEncoder
 
-    gelu_epilogue = fast_gelu and model.config.hidden_act.startswith("gelu")
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    gelu_epilogue = fast_gelu and cfg.hidden_act.startswith("gelu")
     fused = fused_kernels and kernels.available(device)
-    if fused and (problem := kernels.self_check(device, dtype)):
+    if fused and (problem := kernels.self_check(device, dtype, head_dim)):
         logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
         fused = False
-    return PackedEncoder(model, gelu_epilogue=gelu_epilogue, fused_layer_norm=fused)
+    fused_gelu = (
+        fused
+        and not gelu_epilogue
+        and cfg.hidden_act == "gelu"
+        and kernels.linear_gelu_supported(cfg.hidden_size, cfg.intermediate_size)
+    )
+    attention = "triton" if fused and kernels.attention_supported(head_dim) else "auto"
+    return PackedEncoder(
+        model,
+        attention=attention,
+        gelu_epilogue=gelu_epilogue,
+        fused_layer_norm=fused,
+        fused_gelu=fused_gelu,
+    )
 
 
 def _combine(column: pa.ChunkedArray) -> pa.ListArray:

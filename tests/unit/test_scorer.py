@@ -118,13 +118,16 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
     cpu = torch.device("cpu")
     monkeypatch.setattr(kernels, "available", lambda device: True)
-    monkeypatch.setattr(kernels, "self_check", lambda device, dtype: "CompilationError: sm_52")
+    monkeypatch.setattr(
+        kernels, "self_check", lambda device, dtype, head_dim: "CompilationError: sm_52"
+    )
     with caplog.at_level("WARNING", logger="rerank_ray.scorer"):
         runner = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
-    assert runner.fused_layer_norm is False
+    assert runner.fused_layer_norm is False and runner.fused_gelu is False
+    assert runner.attention != "triton"
     assert "Fused kernels off" in caplog.text and "CompilationError: sm_52" in caplog.text
 
-    def must_not_run(device, dtype):
+    def must_not_run(device, dtype, head_dim):
         raise AssertionError("self_check ran with fused_kernels off")
 
     monkeypatch.setattr(kernels, "self_check", must_not_run)
