@@ -135,9 +135,10 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     """The padding-free fast path (encoder.py) for a loaded model on a GPU.
 
     The GELU epilogue (tanh form) moves logits off HF's exact GELU, so it is opt-in. The
-    Triton kernels (kernels.py: add+LayerNorm, the exact-GELU matmul, varlen attention) keep
-    HF's numerics, so they are on where Triton runs and the model's shapes allow, unless their
-    self-check fails on this GPU: then eager ops, with a warning saying why.
+    Triton kernels (kernels.py: add+LayerNorm and varlen attention) keep HF's numerics, so
+    they are on where Triton runs and the model's shapes allow, unless their self-check fails
+    on this GPU: then eager ops, with a warning saying why. (The exact-GELU matmul is not used
+    by default: slower than cuBLAS + PyTorch's GELU on an H200, see bench/README.md.)
     """
     from rerank_ray import kernels
     from rerank_ray.encoder import PackedEncoder
@@ -149,19 +150,12 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     if fused and (problem := kernels.self_check(device, dtype, head_dim)):
         logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
         fused = False
-    fused_gelu = (
-        fused
-        and not gelu_epilogue
-        and cfg.hidden_act == "gelu"
-        and kernels.linear_gelu_supported(cfg.hidden_size, cfg.intermediate_size)
-    )
     attention = "triton" if fused and kernels.attention_supported(head_dim) else "auto"
     return PackedEncoder(
         model,
         attention=attention,
         gelu_epilogue=gelu_epilogue,
         fused_layer_norm=fused,
-        fused_gelu=fused_gelu,
     )
 
 
