@@ -264,12 +264,6 @@ class Bench:
             off,
             TokenBudget(budget, 512),
         )
-        pk16k = score_rows(  # every Triton kernel (kernels.py)
-            PackedEncoder(self.model16, fused_gelu=True, **DEFAULT_KERNELS),
-            ids,
-            off,
-            TokenBudget(budget, 512),
-        )
         pk16d = score_rows(  # the scorer's default
             PackedEncoder(self.model16, **DEFAULT_KERNELS), ids, off, TokenBudget(budget, 512)
         )
@@ -298,12 +292,6 @@ class Bench:
             "packed_fp16_default_kernels_vs_hf_fp32_max_abs": float(np.abs(pk16d - ref32).max()),
             "packed_fp16_default_kernels_vs_hf_fp32_spearman_min_mean": per_query_spearman(
                 pk16d, ref32
-            ),
-            "packed_fp16_all_kernels_vs_packed_fp16_max_abs": float(np.abs(pk16k - pk16).max()),
-            "packed_fp16_all_kernels_vs_hf_fp16_max_abs": float(np.abs(pk16k - ref16).max()),
-            "packed_fp16_all_kernels_vs_hf_fp32_max_abs": float(np.abs(pk16k - ref32).max()),
-            "packed_fp16_all_kernels_vs_hf_fp32_spearman_min_mean": per_query_spearman(
-                pk16k, ref32
             ),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_max_abs": float(np.abs(pk16g - ref32).max()),
             "packed_fp16_gelu_epilogue_vs_hf_fp32_spearman_min_mean": per_query_spearman(
@@ -364,20 +352,9 @@ class Bench:
         fused = {"fused_layer_norm": True}
         enc = PackedEncoder(self.model16, **fused)
         self.run_packed(f"padding-free fp16 fused add+LN (Triton), budget {best}", enc, best, n)
-        enc = PackedEncoder(self.model16, fused_layer_norm=True, fused_gelu=True)
-        self.run_packed(
-            f"padding-free fp16 fused add+LN + GELU matmul (Triton), budget {best}", enc, best, n
-        )
         enc = PackedEncoder(self.model16, **DEFAULT_KERNELS)
         self.run_packed(
             f"padding-free fp16 add+LN + attention (Triton; default), budget {best}", enc, best, n
-        )
-        enc = PackedEncoder(self.model16, fused_gelu=True, **DEFAULT_KERNELS)
-        self.run_packed(
-            f"padding-free fp16 add+LN + attention + GELU matmul (Triton), budget {best}",
-            enc,
-            best,
-            n,
         )
         enc = PackedEncoder(self.model16, gelu_epilogue=True, **DEFAULT_KERNELS)
         self.run_packed(
@@ -435,7 +412,6 @@ class Bench:
             "fused_ln": {"fused_layer_norm": True},
             "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
             "default_add_ln_attention": DEFAULT_KERNELS,
-            "all_triton_kernels": {**DEFAULT_KERNELS, "fused_gelu": True},
         }
         for label, kw in variants.items():
             enc = PackedEncoder(self.model16, **kw)
@@ -530,11 +506,10 @@ class Bench:
         return out
 
     def _kernel_probe(self, offsets):
-        """The Triton kernels alone against what they replace, at one micro-batch's tokens:
-        the exact-GELU matmul vs F.linear + F.gelu (and cuBLASLt's tanh epilogue), the varlen
-        attention vs varlen_attn (FA2) on the same lengths unsorted and length-sorted (the
-        scorer sorts each block), with the config each autotuner picked."""
-        import torch.nn.functional as F
+        """The Triton varlen attention alone against varlen_attn (FA2), on one micro-batch's
+        lengths unsorted and length-sorted (the scorer sorts each block), with the config the
+        autotuner picked. (The probe of the exact-GELU matmul that was tried and dropped is in
+        bench/results/2026-11-22-h200-tma-gemm-probe.json.)"""
         from torch.nn.attention.varlen import varlen_attn
 
         from rerank_ray import kernels
@@ -542,25 +517,7 @@ class Bench:
         def time_it(fn):
             return round(1e3 * seconds_per_call(fn), 3)
 
-        t = int(offsets[-1])
-        x = torch.randn(t, 1024, device="cuda", dtype=torch.float16)
-        w = torch.randn(4096, 1024, device="cuda", dtype=torch.float16) * 0.03
-        b = torch.randn(4096, device="cuda", dtype=torch.float16)
-        out = {"tokens": t}
-        out["gemm_gelu_eager_ms"] = time_it(lambda: F.gelu(F.linear(x, w, b)))
-        out["gemm_gelu_triton_ms"] = time_it(lambda: kernels.linear_gelu(x, w, b))
-        out["gemm_tanh_epilogue_ms"] = time_it(
-            lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)
-        )
-        out["gemm_gelu_max_abs_diff"] = float(
-            (kernels.linear_gelu(x, w, b).float() - F.gelu(F.linear(x, w, b)).float()).abs().max()
-        )
-        gk = kernels._linear_gelu_kernel()[0]
-        out["gemm_best_config"] = str(getattr(gk, "best_config", None))
-        out["gemm_config_ms"] = {
-            str(k): round(float(v[0] if isinstance(v, list | tuple) else v), 3)
-            for k, v in (getattr(gk, "configs_timings", None) or {}).items()
-        }
+        out = {"tokens": int(offsets[-1])}
         lengths = np.diff(offsets)
         for label, lens in (("unsorted", lengths), ("sorted", np.sort(lengths))):
             off = np.concatenate(([0], np.cumsum(lens)))

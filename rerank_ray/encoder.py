@@ -107,7 +107,6 @@ class PackedEncoder:
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
-        fused_gelu: bool = False,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
@@ -121,9 +120,7 @@ class PackedEncoder:
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.
         ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
-        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``). ``fused_gelu`` runs the
-        feed-forward up-projection with its bias and exact GELU as one Triton matmul
-        (``kernels.linear_gelu``; HF's numerics, unlike ``gelu_epilogue``).
+        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         """
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -220,23 +217,11 @@ class PackedEncoder:
         if gelu_epilogue and (not on_cuda or not cfg.hidden_act.startswith("gelu")):
             raise ValueError("gelu_epilogue needs CUDA and a GELU model; leave it off here.")
         self._gelu_epilogue = gelu_epilogue
-        if fused_gelu:
-            from rerank_ray import kernels
-
-            if gelu_epilogue:
-                raise ValueError("fused_gelu and gelu_epilogue both fuse the GELU; pick one.")
-            if cfg.hidden_act != "gelu" or not kernels.available(self.device):
-                raise ValueError(
-                    f"fused_gelu needs Triton, CUDA and an exact-GELU model (device "
-                    f"{self.device}, hidden_act {cfg.hidden_act!r}); leave it off here."
-                )
-            self._up = kernels.linear_gelu
-        elif gelu_epilogue:
+        if gelu_epilogue:
             self._up = _linear_tanh_gelu_epilogue
         else:
             act = _ACTIVATIONS[cfg.hidden_act]
             self._up = lambda x, w, b: act(F.linear(x, w, b))
-        self.fused_gelu = fused_gelu
         self._pin = on_cuda
         if fused_layer_norm:
             from rerank_ray import kernels

@@ -4,18 +4,19 @@
   ``LayerNorm(y + x)``. Eagerly that is two kernels and five passes over a ``tokens x hidden``
   tensor; this kernel reads ``y`` and ``x`` once and writes the result over ``y``. The sum is
   rounded to the input dtype first (as the fp16/bf16 add does), then normalized in float32.
-- ``linear_gelu``: the feed-forward up-projection with its bias and the *exact* (erf) GELU in
-  the matmul's epilogue, so the ``tokens x 4*hidden`` activation is written once instead of
-  written, read and written again. cuBLASLt's GELU epilogue is the tanh approximation only
-  (``--fast-gelu``); this keeps HF's numerics: the biased product is rounded to the input dtype
-  as the eager ``F.linear`` output is, then GELU in float32, as eager ``F.gelu`` does.
 - ``varlen_attention``: flash attention over packed sequences (cu_seqlens) that reads q, k and
   v straight from the fused QKV projection's output, tiled for short sequences (a reranking
   pair is ~100-500 tokens). Softmax in float32 with the running max, P rounded to the input
   dtype for the PV product: FlashAttention's numerics.
 
-(An in-place exact-GELU elementwise kernel was tried too and measured slower than PyTorch's own
-on an H200: 10.4 vs 9.4 ms per 64k-token forward, bench/results/2026-11-22-h200-fused-kernels.json.)
+Tried on an H200 and dropped, slower than what they would replace (bench/README.md):
+- an in-place exact-GELU elementwise kernel: 10.4 vs 9.4 ms per 64k-token forward
+  (bench/results/2026-11-22-h200-fused-kernels.json);
+- the feed-forward up-projection with bias + exact GELU in a Triton matmul's epilogue (cuBLASLt's
+  GELU epilogue is the tanh form only): 1.30 ms pointer-tiled, 1.17-1.24 ms persistent with TMA,
+  vs 1.08 ms for cuBLAS + PyTorch's GELU at 65k x 1024 x 4096
+  (bench/results/2026-11-22-h200-tma-gemm-probe.json). With K = 1024 a tile does 16 k-steps, so
+  the erf epilogue, not overlapped without warp specialization, costs more than the pass it saves.
 
 Triton is the compiler PyTorch's CUDA builds ship with; where it is missing (CPU-only
 installs) ``available()`` is False and the encoder keeps the eager ops. Under
@@ -91,116 +92,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _size_class(n: int) -> int:
-    """Autotune key for a token count: tuned once per power-of-two class from 4k up to 256k
-    (the first micro-batches of an actor are small probes; the steady ones are large)."""
-    return max(0, min(int(n).bit_length() - 12, 6))
+def _half_on_gpu(name: str, x: torch.Tensor) -> None:
+    """The matmul kernels take fp16/bf16 on a GPU: there Triton would run float32 dots in
+    TF32, less exact than the eager float32 path they stand in for."""
+    if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} takes float16 or bfloat16 on a GPU, got {x.dtype}.")
 
 
 def _length_class(max_len: int) -> int:
     """Autotune key for the longest sequence of a micro-batch: <64, <128, <256, <512, more."""
     return max(0, min(int(max_len).bit_length() - 6, 4))
-
-
-@functools.cache
-def _linear_gelu_kernel():
-    import triton
-    import triton.language as tl
-
-    if _interpreting():  # one small tile: the interpreter runs every config it is given
-        configs = [triton.Config({"BM": 32, "BN": 32, "BK": 16, "GROUP_M": 4})]
-    else:  # Hopper/Ampere fp16 GEMM tiles (Triton's matmul tutorial), tuned per shape class
-        configs = [
-            triton.Config({"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8}, num_stages=st, num_warps=w)
-            for bm, bn, st, w in (
-                (128, 256, 3, 8),
-                (256, 128, 3, 8),
-                (128, 128, 4, 8),
-                (128, 128, 4, 4),
-                (128, 256, 4, 8),
-                (64, 256, 4, 4),
-            )
-        ]
-
-    @triton.autotune(configs=configs, key=["N", "K", "M_CLASS"])
-    @triton.jit
-    def linear_gelu_kernel(
-        X, W, B, C, M, N, K, M_CLASS, stride_xm, stride_wn, stride_cm,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        grid_m = tl.cdiv(M, BM)
-        grid_n = tl.cdiv(N, BN)
-        in_group = GROUP_M * grid_n  # grouped order: neighbouring programs share X rows in L2
-        first_m = (pid // in_group) * GROUP_M
-        group_m = min(grid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group_m
-        pid_n = (pid % in_group) // group_m
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        # Wrapped indices keep the K loop free of masks; the store masks the overhang.
-        rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BM), BM).to(tl.int64)
-        rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BN), BN).to(tl.int64)
-        ks = tl.arange(0, BK)
-        x_ptrs = X + rm[:, None] * stride_xm + ks[None, :]
-        w_ptrs = W + rn[None, :] * stride_wn + ks[:, None]  # W is [N, K]: read as W^T tiles
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for _ in range(0, K, BK):  # K % BK == 0 (checked by the caller)
-            acc = tl.dot(tl.load(x_ptrs), tl.load(w_ptrs), acc)
-            x_ptrs += BK
-            w_ptrs += BK
-        bias = tl.load(B + rn).to(tl.float32)
-        # Round the biased product as eager F.linear's output is, then GELU in float32.
-        h = (acc + bias[None, :]).to(C.dtype.element_ty).to(tl.float32)
-        g = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
-        c_ptrs = C + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-        tl.store(
-            c_ptrs, g.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
-        )
-
-    return linear_gelu_kernel, triton.cdiv
-
-
-def linear_gelu_supported(in_features: int, out_features: int) -> bool:
-    """Shapes the GELU matmul takes: whole 64-wide K steps (no masks in its inner loop)."""
-    return in_features % 64 == 0 and out_features % 16 == 0
-
-
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``F.gelu(F.linear(x, weight, bias))`` (exact GELU) as one matmul with the bias and GELU
-    in its epilogue. ``x`` [M, K] and ``weight`` [N, K] row-major, ``bias`` [N], one dtype."""
-    if (
-        x.dim() != 2
-        or weight.dim() != 2
-        or x.shape[1] != weight.shape[1]
-        or bias.shape != (weight.shape[0],)
-        or x.stride(1) != 1
-        or not weight.is_contiguous()
-        or not bias.is_contiguous()
-        or not x.dtype == weight.dtype == bias.dtype
-    ):
-        raise ValueError(
-            f"linear_gelu needs x [M, K] and weight [N, K] row-major and bias [N] of one dtype, "
-            f"got {tuple(x.shape)}/{x.stride()} {x.dtype}, {tuple(weight.shape)} {weight.dtype}, "
-            f"{tuple(bias.shape)} {bias.dtype}."
-        )
-    (m, k), n = x.shape, weight.shape[0]
-    if not linear_gelu_supported(k, n):
-        raise ValueError(
-            f"linear_gelu needs in_features % 64 == 0 and out_features % 16 == 0, got {k} and {n}."
-        )
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m == 0:
-        return out
-    kernel, cdiv = _linear_gelu_kernel()
-
-    def grid(meta):
-        return (cdiv(m, meta["BM"]) * cdiv(n, meta["BN"]),)
-
-    kernel[grid](
-        x, weight, bias, out, m, n, k, _size_class(m), x.stride(0), weight.stride(0), out.stride(0)
-    )
-    return out
 
 
 @functools.cache
@@ -213,14 +114,9 @@ def _attention_kernel():
     else:
         configs = [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=st, num_warps=w)
-            for bm, bn, st, w in (
-                (64, 64, 2, 4),
-                (64, 64, 3, 4),
-                (128, 64, 2, 4),
-                (128, 64, 3, 8),
-                (64, 128, 2, 4),
-                (128, 128, 2, 8),
-            )
+            # The three best of six on an H200 (bench/results/2026-11-22-h200-triton-kernels.json):
+            # 0.25-0.26 ms per layer at 64k tokens; each config costs compile time at start.
+            for bm, bn, st, w in ((64, 64, 3, 4), (64, 64, 2, 4), (128, 64, 3, 8))
         ]
 
     @triton.autotune(configs=configs, key=["HEADS", "D", "LEN_CLASS"])
@@ -296,6 +192,7 @@ def varlen_attention(
             f"varlen_attention needs qkv [tokens, 3 * heads * head_dim] row-major with "
             f"heads={heads}, got {tuple(qkv.shape)}/{qkv.stride()}."
         )
+    _half_on_gpu("varlen_attention", qkv)
     tokens, width = qkv.shape[0], qkv.shape[1] // 3
     head_dim = width // heads
     if not attention_supported(head_dim):
@@ -318,8 +215,8 @@ def varlen_attention(
 
 
 def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
-    """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm,
-    the GELU matmul, and (given a supported ``head_dim``) the attention. None when they all
+    """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm
+    and (given a supported ``head_dim``) the attention. None when they all
     agree, else why not (a Triton that cannot compile for this GPU, a wrong result). The
     scorer calls it at actor start and keeps the eager ops when it fails."""
     import torch.nn.functional as F
@@ -336,11 +233,6 @@ def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = 
         want = F.layer_norm((y + x).float(), (96,), w.float(), b.float(), 1e-5)
         got = add_layer_norm_(y.clone(), x, w, b, 1e-5).float()
         checks.append(("add+LayerNorm", got, want, tol))
-
-        x, w, b = randn(80, 128), randn(96, 128, scale=0.1), randn(96)
-        want = F.gelu(F.linear(x.float(), w.float(), b.float()))
-        got = linear_gelu(x, w, b).float()
-        checks.append(("linear+GELU", got, want, 2 * tol))
 
         if head_dim is not None and attention_supported(head_dim):
             heads, lengths = 2, (3, 70, 130)

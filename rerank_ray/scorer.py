@@ -140,6 +140,8 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     on this GPU: then eager ops, with a warning saying why. (The exact-GELU matmul is not used
     by default: slower than cuBLAS + PyTorch's GELU on an H200, see bench/README.md.)
     """
+    import torch
+
     from rerank_ray import kernels
     from rerank_ray.encoder import PackedEncoder
 
@@ -150,7 +152,8 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     if fused and (problem := kernels.self_check(device, dtype, head_dim)):
         logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
         fused = False
-    attention = "triton" if fused and kernels.attention_supported(head_dim) else "auto"
+    half = dtype in (torch.float16, torch.bfloat16)  # the Triton matmuls take 16-bit inputs
+    attention = "triton" if fused and half and kernels.attention_supported(head_dim) else "auto"
     return PackedEncoder(
         model,
         attention=attention,

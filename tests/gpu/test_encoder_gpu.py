@@ -113,10 +113,10 @@ def test_fused_layer_norm_matches_the_eager_encoder(dtype):
 
 @pytest.mark.skipif(not varlen_attention_available(), reason="no varlen_attn in this torch")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_attention_and_gelu_matmul_match_the_eager_ops(dtype):
-    """The two Triton kernels alone against what they replace on real GPU shapes (long and
-    short sequences, ragged ends), then the whole encoder with every kernel against fp32 HF."""
-    import torch.nn.functional as F
+def test_triton_attention_matches_flash_attention(dtype):
+    """The Triton varlen attention alone against FA2's varlen_attn on real GPU shapes (long
+    and short sequences, ragged ends), then the whole encoder with the default kernels
+    against fp32 HF."""
     from torch.nn.attention.varlen import varlen_attn
 
     from rerank_ray import kernels
@@ -131,20 +131,12 @@ def test_triton_attention_and_gelu_matmul_match_the_eager_ops(dtype):
     got = kernels.varlen_attention(qkv, cu, 512, 8).float()
     assert (got - want).abs().max().item() < (2e-2 if dtype == torch.bfloat16 else 3e-3)
 
-    x = torch.randn(3001, 256, generator=gen).to("cuda", dtype)
-    w = (torch.randn(1024, 256, generator=gen) * 0.06).to("cuda", dtype)
-    b = torch.randn(1024, generator=gen).to("cuda", dtype)
-    exact = F.gelu(F.linear(x.float(), w.float(), b.float()))
-    eager = F.gelu(F.linear(x, w, b)).float()
-    fused = kernels.linear_gelu(x, w, b).float()
-    assert (fused - exact).abs().max().item() <= 1.5 * (eager - exact).abs().max().item()
-
     model = _model(dtype)
     ids, offsets = _batch(64, seed=7)
     eager_scores = PackedEncoder(model).score(ids, offsets)
-    every_kernel = PackedEncoder(
-        model, fused_layer_norm=True, fused_gelu=True, attention="triton"
-    ).score(ids, offsets)
+    every_kernel = PackedEncoder(model, fused_layer_norm=True, attention="triton").score(
+        ids, offsets
+    )
     ref = _hf(model.float(), ids, offsets).numpy()
     err = np.abs(every_kernel - ref).max()
     assert err <= 1.5 * np.abs(eager_scores - ref).max() + 1e-3

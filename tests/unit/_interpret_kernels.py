@@ -1,5 +1,6 @@
-"""Run under ``TRITON_INTERPRET=1`` by test_kernels.py: the fused add+LayerNorm kernel on CPU
-tensors (Triton's interpreter), against eager PyTorch. Prints one JSON line of results."""
+"""Run under ``TRITON_INTERPRET=1`` by test_kernels.py: the Triton kernels (fused add+LayerNorm,
+varlen attention) on CPU tensors (Triton's interpreter), against eager PyTorch. Prints one JSON
+line of results."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_encoder import LENGTHS, _batch, _bert, _hf_padded, _xlmr  # noqa: E402
+from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification  # noqa: E402
 
 from rerank_ray import kernels  # noqa: E402
 from rerank_ray.encoder import PackedEncoder  # noqa: E402
@@ -55,4 +57,63 @@ got = PackedEncoder(bert, fused_layer_norm=True).score(
     np.concatenate(seqs), offsets, np.concatenate(types)
 )
 out["bert_vs_hf"] = float(np.abs(got - _hf_padded(bert, seqs, types, pad_id=0)).max())
+
+
+def attention_reference(qkv, cu, heads):
+    """Per-sequence softmax attention in float64 (SDPA), packed back like the kernel's output."""
+    parts = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        q, k, v = qkv[s:e].double().view(e - s, 3, heads, -1).unbind(1)
+        o = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)))
+        parts.append(o.transpose(0, 1).reshape(e - s, -1))
+    return torch.cat(parts)
+
+
+# Lengths around the interpreter's 16-row tiles: one token, a tile less/exactly/more, several.
+lengths = [1, 15, 16, 17, 40, 3]
+cu = torch.tensor(np.concatenate(([0], np.cumsum(lengths))), dtype=torch.int32)
+for dtype in (torch.float32, torch.float16):
+    qkv = torch.randn(sum(lengths), 3 * 2 * 16, dtype=dtype) * 2
+    got = kernels.varlen_attention(qkv, cu, max(lengths), 2)
+    exact = attention_reference(qkv, cu, 2)
+    eager = attention_reference(qkv.float(), cu, 2).to(dtype)  # fp32 math, one rounding
+    out[f"attention-{dtype}"] = {
+        "shape": list(got.shape),
+        "kernel_vs_exact": (got.double() - exact).abs().max().item(),
+        "rounded_exact_vs_exact": (eager.double() - exact).abs().max().item(),
+    }
+for bad in ((torch.zeros(10, 95), 2), (torch.zeros(10, 3 * 2 * 12), 2)):
+    try:
+        kernels.varlen_attention(bad[0], torch.tensor([0, 10], dtype=torch.int32), 10, bad[1])
+        out.setdefault("attention_errors", []).append(None)
+    except ValueError as e:
+        out.setdefault("attention_errors", []).append(str(e))
+out["self_check_attention"] = kernels.self_check(torch.device("cpu"), torch.float32, 16)
+
+# The encoder with the Triton attention (head size 16: hidden 64, 4 heads), fp32, against HF.
+torch.manual_seed(0)
+cfg = XLMRobertaConfig(
+    vocab_size=97,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=66,
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    layer_norm_eps=1e-5,
+    num_labels=1,
+)
+xlmr16 = XLMRobertaForSequenceClassification(cfg).eval()
+seqs, _, offsets = _batch(LENGTHS)
+ref = _hf_padded(xlmr16, seqs, None, pad_id=1)
+ids = np.concatenate(seqs)
+eager = PackedEncoder(xlmr16, attention="sdpa").score(ids, offsets, None)
+triton_attn = PackedEncoder(xlmr16, attention="triton", fused_layer_norm=True)
+out["triton_attention_xlmr_vs_hf"] = float(
+    np.abs(triton_attn.score(ids, offsets, None) - ref).max()
+)
+out["sdpa_xlmr_vs_hf"] = float(np.abs(eager - ref).max())
 print(json.dumps(out))

@@ -1,5 +1,6 @@
-"""The fused add+LayerNorm Triton kernel: checked on CPU through Triton's interpreter (the
-same kernel source the GPU compiles), and the encoder's guards where it cannot run."""
+"""The Triton kernels (fused add+LayerNorm, varlen attention): checked on CPU through Triton's
+interpreter (the same kernel source the GPU compiles), and the encoder's guards where they
+cannot run."""
 
 from __future__ import annotations
 
@@ -60,3 +61,32 @@ def test_fused_layer_norm_is_refused_where_it_cannot_run(monkeypatch):
         PackedEncoder(_xlmr(), fused_layer_norm=True)
     with pytest.raises(ValueError, match="pick one"):
         PackedEncoder(_xlmr(), fused_layer_norm=True, compile=True)
+
+
+def test_attention_kernel_equals_softmax_attention_per_sequence(interpreted):
+    for dtype, tol in (("torch.float32", 1e-5), ("torch.float16", None)):
+        r = interpreted[f"attention-{dtype}"]
+        assert r["shape"] == [92, 32], r
+        if tol is not None:
+            assert r["kernel_vs_exact"] < tol, r
+        else:  # fp16: P and the output are rounded, as in FlashAttention; a few ulps at most
+            assert r["kernel_vs_exact"] <= 4 * r["rounded_exact_vs_exact"] + 1e-3, r
+
+
+def test_attention_kernel_rejects_bad_layouts_and_passes_its_self_check(interpreted):
+    not_qkv, bad_head = interpreted["attention_errors"]
+    assert not_qkv and "3 * heads * head_dim" in not_qkv
+    assert bad_head and "head_dim 16, 32, 64 or 128, got 12" in bad_head
+    assert interpreted["self_check_attention"] is None
+
+
+def test_encoder_with_triton_attention_matches_hf(interpreted):
+    # fp32: the padded SDPA path is ~1e-8 from HF here; the kernel must be as close.
+    assert interpreted["sdpa_xlmr_vs_hf"] < 1e-6
+    assert interpreted["triton_attention_xlmr_vs_hf"] < 1e-6
+
+
+def test_triton_attention_is_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention='triton' needs Triton, CUDA"):
+        PackedEncoder(_xlmr(), attention="triton")

@@ -123,7 +123,7 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     )
     with caplog.at_level("WARNING", logger="rerank_ray.scorer"):
         runner = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
-    assert runner.fused_layer_norm is False and runner.fused_gelu is False
+    assert runner.fused_layer_norm is False
     assert runner.attention != "triton"
     assert "Fused kernels off" in caplog.text and "CompilationError: sm_52" in caplog.text
 
@@ -138,3 +138,28 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     with torch.inference_mode():
         want = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None]).logits.view(-1)
     np.testing.assert_allclose(runner.score(ids, offsets, None), want.numpy(), atol=1e-4)
+
+
+def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
+    tiny_model_dir, monkeypatch
+):
+    """Where the kernels pass their check, fp16/bf16 get the Triton attention and the fused
+    add+LayerNorm; float32 keeps the other attention (Triton would run its dots in TF32)."""
+    from rerank_ray import kernels
+    from rerank_ray.scorer import packed_runner
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+    checked = []
+    monkeypatch.setattr(
+        kernels, "self_check", lambda device, dtype, head_dim: checked.append(head_dim)
+    )
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    supported = kernels.attention_supported(head_dim)
+    half = packed_runner(model, cpu, torch.float16, fast_gelu=False, fused_kernels=True)
+    assert half.fused_layer_norm is True
+    assert (half.attention == "triton") is supported
+    full = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
+    assert full.fused_layer_norm is True and full.attention != "triton"
+    assert checked == [head_dim, head_dim]
