@@ -507,8 +507,7 @@ class Bench:
 
     def _kernel_probe(self, offsets):
         """The Triton varlen attention alone against varlen_attn (FA2), on one micro-batch's
-        lengths unsorted and length-sorted (the scorer sorts each block), with the config the
-        autotuner picked. (The probe of the exact-GELU matmul that was tried and dropped is in
+        lengths unsorted and length-sorted (the scorer sorts each block). (The probe of the exact-GELU matmul that was tried and dropped is in
         bench/results/2026-11-22-h200-tma-gemm-probe.json.)"""
         from torch.nn.attention.varlen import varlen_attn
 
@@ -534,12 +533,6 @@ class Bench:
             ref = varlen_attn(q, k, v, cu, cu, max_len, max_len).reshape(n_tok, 1024)
             got = kernels.varlen_attention(qkv, cu, max_len, 16)
             out[f"attn_{label}_max_abs_diff"] = float((got.float() - ref.float()).abs().max())
-        ak = kernels._attention_kernel()[0]
-        out["attn_best_config"] = str(getattr(ak, "best_config", None))
-        out["attn_config_ms"] = {
-            str(k): round(float(v[0] if isinstance(v, list | tuple) else v), 3)
-            for k, v in (getattr(ak, "configs_timings", None) or {}).items()
-        }
         print("kernel probe", out, flush=True)
         return out
 
