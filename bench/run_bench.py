@@ -400,7 +400,7 @@ class Bench:
         n_rows = int(np.searchsorted(self.offsets, t, side="right")) - 1
         mb = (self.ids[: self.offsets[n_rows]], self.offsets[: n_rows + 1])
         cats = (  # first match wins: flash attention kernels also name cutlass types
-            ("attention", ("flash", "fmha", "attn")),
+            ("attention", ("flash", "fmha", "attn", "attention")),
             ("gemm", ("gemm", "cutlass", "sm90_", "sm100_", "xmma", "cublas", "nvjet")),
             ("add_layer_norm", ("layer_norm", "layernorm", "add_layer_norm")),
             ("gelu", ("gelu",)),
