@@ -109,8 +109,8 @@ def _attention_kernel():
         QKV, OUT, CU, qk_scale, stride_qkv, stride_o,
         HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        m_block = tl.program_id(0)
-        seq = tl.program_id(1)
+        seq = tl.program_id(0)  # the grid's x axis: up to 2^31 - 1 sequences (y, z: 65,535)
+        m_block = tl.program_id(1)
         head = tl.program_id(2)
         start = tl.load(CU + seq)
         length = tl.load(CU + seq + 1) - start
@@ -192,7 +192,7 @@ def varlen_attention(
     # config is one compile at actor start, not one per candidate. The interpreter uses small
     # tiles so the tests cross tile edges with short sequences.
     block_m, block_n, stages, warps = (16, 16, 1, 1) if _interpreting() else (64, 64, 3, 4)
-    kernel[(cdiv(max_len, block_m), n_seq, heads)](
+    kernel[(n_seq, cdiv(max_len, block_m), heads)](
         qkv, out, cu_seqlens, scale, qkv.stride(0), out.stride(0),
         HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_stages=stages, num_warps=warps,

@@ -140,3 +140,16 @@ def test_triton_attention_matches_flash_attention(dtype):
     ref = _hf(model.float(), ids, offsets).numpy()
     err = np.abs(every_kernel - ref).max()
     assert err <= 1.5 * np.abs(eager_scores - ref).max() + 1e-3
+
+
+def test_triton_attention_takes_more_sequences_than_a_grid_axis_of_65535():
+    """A large token budget of short pairs can hold >65,535 sequences in one micro-batch: the
+    kernel puts sequences on the grid's x axis. One-token sequences attend only to
+    themselves, so the output is exactly v."""
+    from rerank_ray import kernels
+
+    n_seq, heads = 70_000, 2
+    cu = torch.arange(n_seq + 1, dtype=torch.int32, device="cuda")
+    qkv = torch.randn(n_seq, 3 * heads * 64, device="cuda", dtype=torch.float16)
+    out = kernels.varlen_attention(qkv, cu, 1, heads)
+    torch.testing.assert_close(out, qkv[:, 2 * heads * 64 :], rtol=0, atol=1e-3)
