@@ -356,14 +356,6 @@ class Bench:
         self.run_packed(
             f"padding-free fp16 add+LN + attention (Triton; default), budget {best}", enc, best, n
         )
-        for chunk in self.args.ffn_chunks:
-            enc = PackedEncoder(self.model16, ffn_chunk=chunk, **DEFAULT_KERNELS)
-            self.run_packed(
-                f"padding-free fp16 default, feed-forward in {chunk}-token chunks, budget {best}",
-                enc,
-                best,
-                n,
-            )
         enc = PackedEncoder(self.model16, gelu_epilogue=True, **DEFAULT_KERNELS)
         self.run_packed(
             f"padding-free fp16 default + GELU epilogue (--fast-gelu), budget {best}",
@@ -420,7 +412,6 @@ class Bench:
             "fused_ln": {"fused_layer_norm": True},
             "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
             "default_add_ln_attention": DEFAULT_KERNELS,
-            "default_ffn_chunk_4096": {**DEFAULT_KERNELS, "ffn_chunk": 4096},
         }
         for label, kw in variants.items():
             enc = PackedEncoder(self.model16, **kw)
@@ -884,12 +875,8 @@ def main(argv=None):
         "--job-gpus", default=None, help="Comma list of scoring actors (one GPU each); default all."
     )
     p.add_argument("--compile", action="store_true", help="Also time the torch.compile variant.")
-    p.add_argument(
-        "--ffn-chunks", default="", help="Comma list of ffn_chunk values: packed runs per value."
-    )
     args = p.parse_args(argv)
     args.budgets = [int(b) for b in args.budgets.split(",")]
-    args.ffn_chunks = [int(c) for c in args.ffn_chunks.split(",") if c]
     if args.job_gpus is None:
         args.job_gpus = str(max(1, torch.cuda.device_count()))
     sections = args.sections.split(",")

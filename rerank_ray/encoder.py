@@ -25,7 +25,8 @@ SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
 ATTENTION_BACKENDS = ("auto", "varlen", "triton", "sdpa")
 _ROBERTA_LIKE = ("xlm-roberta", "roberta")
 # In place on the feed-forward's intermediate (same kernels and results as F.gelu / F.relu):
-# no second tokens x intermediate buffer, which keeps a chunk of it cache-resident (ffn_chunk).
+# no second tokens x intermediate buffer (peak memory 2.98 -> 2.11 GiB at a 64k-token budget
+# on an H200, bench/results/2026-11-22-h200-ffn-chunks.json).
 _ACTIVATIONS = {
     "gelu": lambda h: torch.ops.aten.gelu_(h),
     "gelu_new": lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
@@ -109,7 +110,6 @@ class PackedEncoder:
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
-        ffn_chunk: int = 0,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
@@ -123,10 +123,7 @@ class PackedEncoder:
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.
         ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
-        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``). ``ffn_chunk`` > 0 runs
-        each feed-forward block (up-projection, activation, down-projection, add+LayerNorm)
-        over that many tokens at a time, so its ``chunk x intermediate`` activation can stay
-        in the GPU's L2 cache between the matmuls; same results row for row.
+        (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         """
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -245,9 +242,6 @@ class PackedEncoder:
         else:
             self._add_ln = _add_layer_norm
         self.fused_layer_norm = fused_layer_norm
-        if ffn_chunk < 0:
-            raise ValueError(f"ffn_chunk must be 0 (off) or a token count, got {ffn_chunk}.")
-        self.ffn_chunk = int(ffn_chunk)
 
     # --- host side --------------------------------------------------------------------------
     def _stage(
@@ -343,25 +337,11 @@ class PackedEncoder:
         for w in self._layers:
             attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, rowcol)
             x = self._add_ln(F.linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
-            x = self._feed_forward(x, w)
+            h = self._up(x, w.up_w, w.up_b)
+            x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
         first = x.index_select(0, cu[:-1])
         pooled = torch.tanh(F.linear(first, *self._head))
         return F.linear(pooled, *self._out).view(n_seq).float()
-
-    def _feed_forward(self, x: torch.Tensor, w: _LayerWeights) -> torch.Tensor:
-        chunk = self.ffn_chunk
-        if not chunk or x.shape[0] <= chunk:
-            h = self._up(x, w.up_w, w.up_b)
-            return self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[0], chunk):
-            xs, ys = x[start : start + chunk], out[start : start + chunk]
-            h = self._up(xs, w.up_w, w.up_b)
-            torch.addmm(w.down_b, h, w.down_w.t(), out=ys)
-            done = self._add_ln(ys, xs, w.ln2_w, w.ln2_b, self._eps)
-            if done.data_ptr() != ys.data_ptr():  # the eager pair returns a new tensor
-                ys.copy_(done)
-        return out
 
     @torch.inference_mode()
     def submit(

@@ -143,29 +143,3 @@ def test_rejects_unsupported_attention_and_varlen_on_cpu(xlmr):
         PackedEncoder(xlmr, attention="flash")
     with pytest.raises(ValueError, match="needs CUDA"):
         PackedEncoder(xlmr, attention="varlen")
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 64, 168])
-def test_feed_forward_in_token_chunks_gives_the_same_scores(xlmr, bert, chunk):
-    """ffn_chunk runs each feed-forward block over a few tokens at a time (chunks cut across
-    sequences, a last partial chunk, one chunk as large as the batch): same scores, and
-    still HF's."""
-    seqs, _, offsets = _batch(LENGTHS)  # 169 tokens
-    ids = np.concatenate(seqs)
-    whole = PackedEncoder(xlmr).score(ids, offsets, None)
-    chunked = PackedEncoder(xlmr, ffn_chunk=chunk).score(ids, offsets, None)
-    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(chunked, _hf_padded(xlmr, seqs, None, pad_id=1), atol=1e-5)
-    seqs, types, offsets = _batch(LENGTHS, seed=2, with_types=True)
-    args = (np.concatenate(seqs), offsets, np.concatenate(types))
-    np.testing.assert_allclose(
-        PackedEncoder(bert, ffn_chunk=chunk).score(*args),
-        PackedEncoder(bert).score(*args),
-        rtol=0,
-        atol=1e-6,
-    )
-
-
-def test_ffn_chunk_must_not_be_negative(xlmr):
-    with pytest.raises(ValueError, match="ffn_chunk must be 0"):
-        PackedEncoder(xlmr, ffn_chunk=-1)
