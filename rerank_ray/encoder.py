@@ -246,11 +246,12 @@ class PackedEncoder:
     # --- host side --------------------------------------------------------------------------
     def _stage(
         self, ids_flat: np.ndarray, offsets: np.ndarray, type_ids_flat: np.ndarray | None
-    ) -> tuple[torch.Tensor, int, int, int, bool]:
+    ) -> tuple[torch.Tensor, int, int, int, bool, int]:
         """Validate and pack every int input of a micro-batch into one int32 host buffer.
 
-        Layout: ids[T] | positions[T] | cu_seqlens[B+1] | (type ids[T]) | (row[T] | col[T]),
-        the last two only for SDPA. One buffer means one host-to-device copy.
+        Layout: ids[T] | positions[T] | cu_seqlens[B+1] | (type ids[T]) | extra, where extra
+        is row[T] | col[T] for SDPA, the kernel's work list for the Triton attention, else
+        empty. One buffer means one host-to-device copy.
         """
         offsets = np.asarray(offsets)
         ids_flat = np.asarray(ids_flat)
@@ -271,8 +272,14 @@ class PackedEncoder:
         has_types = type_ids_flat is not None
         if has_types and len(type_ids_flat) != n_tok:
             raise ValueError(f"type_ids_flat has {len(type_ids_flat)} entries, ids {n_tok}.")
-        sdpa = self.attention == "sdpa"
-        size = 2 * n_tok + n_seq + 1 + (n_tok if has_types else 0) + (2 * n_tok if sdpa else 0)
+        if self.attention == "triton":
+            from rerank_ray import kernels
+
+            work = kernels.attention_work(lengths)
+            n_extra = len(work)
+        else:
+            n_extra = 2 * n_tok if self.attention == "sdpa" else 0
+        size = 2 * n_tok + n_seq + 1 + (n_tok if has_types else 0) + n_extra
         host = torch.empty(size, dtype=torch.int32, pin_memory=self._pin)
         buf = host.numpy()
         starts = offsets[:-1]
@@ -292,26 +299,28 @@ class PackedEncoder:
         if has_types:
             buf[at : at + n_tok] = type_ids_flat
             at += n_tok
-        if sdpa:
+        if self.attention == "triton":
+            buf[at:] = work
+        elif self.attention == "sdpa":
             buf[at : at + n_tok] = np.repeat(np.arange(n_seq), lengths)
             buf[at + n_tok : at + 2 * n_tok] = col
-        return host, n_tok, n_seq, max_len, has_types
+        return host, n_tok, n_seq, max_len, has_types, n_extra
 
     # --- device side ------------------------------------------------------------------------
     def _attention(
-        self, qkv: torch.Tensor, cu: torch.Tensor, max_len: int, rowcol: torch.Tensor | None
+        self, qkv: torch.Tensor, cu: torch.Tensor, max_len: int, extra: torch.Tensor
     ) -> torch.Tensor:
         n_tok = qkv.shape[0]
         if self.attention == "triton":
             from rerank_ray import kernels
 
-            return kernels.varlen_attention(qkv, cu, max_len, self._heads)
+            return kernels.varlen_attention(qkv, cu, max_len, self._heads, work=extra)
         qkv = qkv.view(n_tok, 3, self._heads, self._hidden // self._heads)
         if self.attention == "varlen":
             q, k, v = qkv.unbind(1)
             out = _varlen_attn()(q, k, v, cu, cu, max_len, max_len)
             return out.reshape(n_tok, self._hidden)
-        row, col = rowcol[0].long(), rowcol[1].long()
+        row, col = extra.view(2, n_tok).long()
         n_seq = cu.shape[0] - 1
         padded = qkv.new_zeros(n_seq, max_len, 3, self._heads, qkv.shape[-1])
         padded[row, col] = qkv
@@ -321,7 +330,9 @@ class PackedEncoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         return out.transpose(1, 2)[row, col].reshape(n_tok, self._hidden)
 
-    def _forward(self, dev: torch.Tensor, n_tok: int, n_seq: int, max_len: int, has_types: bool):
+    def _forward(
+        self, dev: torch.Tensor, n_tok: int, n_seq: int, max_len: int, has_types: bool, n_extra: int
+    ):
         ids, pos = dev[:n_tok], dev[n_tok : 2 * n_tok]
         at = 2 * n_tok
         cu = dev[at : at + n_seq + 1]
@@ -332,10 +343,10 @@ class PackedEncoder:
             at += n_tok
         else:  # HF's default token_type_ids are all zero
             x = x + self._type[0]
-        rowcol = dev[at : at + 2 * n_tok].view(2, n_tok) if self.attention == "sdpa" else None
+        extra = dev[at : at + n_extra]
         x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
         for w in self._layers:
-            attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, rowcol)
+            attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, extra)
             x = self._add_ln(F.linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
             h = self._up(x, w.up_w, w.up_b)
             x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
@@ -352,12 +363,12 @@ class PackedEncoder:
     ) -> PendingScores:
         """Queue one micro-batch; returns at once on CUDA. Raises on bad input, and
         ``torch.cuda.OutOfMemoryError`` here (not in ``result``) when memory runs out."""
-        host, n_tok, n_seq, max_len, has_types = self._stage(ids_flat, offsets, type_ids_flat)
+        host, *sizes = self._stage(ids_flat, offsets, type_ids_flat)
         dev = host.to(self.device, non_blocking=True)
-        logits = self._forward(dev, n_tok, n_seq, max_len, has_types)
+        logits = self._forward(dev, *sizes)
         if not self._pin:
             return PendingScores(logits.cpu(), None)
-        out = torch.empty(n_seq, dtype=torch.float32, pin_memory=True)
+        out = torch.empty(logits.shape[0], dtype=torch.float32, pin_memory=True)
         out.copy_(logits, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

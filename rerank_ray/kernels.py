@@ -29,6 +29,7 @@ import functools
 import math
 import os
 
+import numpy as np
 import torch
 
 
@@ -106,16 +107,18 @@ def _attention_kernel():
 
     @triton.jit
     def varlen_attention_kernel(
-        QKV, OUT, CU, qk_scale, stride_qkv, stride_o,
+        QKV, OUT, CU, WORK, qk_scale, stride_qkv, stride_o,
         HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
-        seq = tl.program_id(0)  # the grid's x axis: up to 2^31 - 1 sequences (y, z: 65,535)
-        m_block = tl.program_id(1)
-        head = tl.program_id(2)
+        # One program per (row block of a sequence, head): the work list holds each
+        # sequence's blocks, so no program starts past the end of a short sequence. Work
+        # items sit on the grid's x axis (up to 2^31 - 1; y allows 65,535).
+        item = tl.program_id(0)
+        head = tl.program_id(1)
+        seq = tl.load(WORK + 2 * item)
+        m_block = tl.load(WORK + 2 * item + 1)
         start = tl.load(CU + seq)
         length = tl.load(CU + seq + 1) - start
-        if m_block * BLOCK_M >= length:  # the grid covers the longest sequence of the batch
-            return
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, D)
         base = QKV + start.to(tl.int64) * stride_qkv + head * D
@@ -155,7 +158,7 @@ def _attention_kernel():
         )
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < length)
 
-    return varlen_attention_kernel, triton.cdiv
+    return varlen_attention_kernel
 
 
 def attention_supported(head_dim: int) -> bool:
@@ -163,14 +166,36 @@ def attention_supported(head_dim: int) -> bool:
     return head_dim in (16, 32, 64, 128)
 
 
+def attention_block_rows() -> int:
+    """Query rows per program of the attention kernel: 64 (the fastest of six tiles on an
+    H200); 16 under the interpreter, so tests cross tile edges with short sequences."""
+    return 16 if _interpreting() else 64
+
+
+def attention_work(lengths: np.ndarray) -> np.ndarray:
+    """The attention kernel's work list for sequences of ``lengths``: (sequence, row block)
+    pairs, int32, flattened. Built on the host with the rest of a micro-batch's inputs."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    blocks = -(-lengths // attention_block_rows())
+    seq = np.repeat(np.arange(len(lengths), dtype=np.int64), blocks)
+    first = np.repeat(np.cumsum(blocks) - blocks, blocks)
+    return np.stack([seq, np.arange(len(seq)) - first], axis=1).astype(np.int32).reshape(-1)
+
+
 def varlen_attention(
-    qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int, heads: int
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_len: int,
+    heads: int,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention within each packed sequence, no mask beyond the sequence bounds.
 
     ``qkv`` is the fused projection's output, [tokens, 3 * heads * head_dim] row-major (q, k, v
     blocks of ``heads * head_dim`` each); ``cu_seqlens`` int32 [B + 1], starting at 0;
-    ``max_len`` the longest sequence. Returns [tokens, heads * head_dim]."""
+    ``max_len`` the longest sequence; ``work``: ``attention_work`` of the lengths as an int32
+    tensor on the device (built here from ``cu_seqlens`` when None, at the cost of a copy to
+    the host). Returns [tokens, heads * head_dim]."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] % (3 * heads):
         raise ValueError(
             f"varlen_attention needs qkv [tokens, 3 * heads * head_dim] row-major with "
@@ -185,15 +210,18 @@ def varlen_attention(
     n_seq = cu_seqlens.shape[0] - 1
     if tokens == 0 or n_seq == 0:
         return out
-    kernel, cdiv = _attention_kernel()
+    if work is None:
+        lengths = np.diff(cu_seqlens.cpu().numpy())
+        work = torch.from_numpy(attention_work(lengths)).to(qkv.device)
+    kernel = _attention_kernel()
     scale = 1.4426950408889634 / math.sqrt(head_dim)  # log2(e) / sqrt(d)
     # One fixed tile: 64 x 64, 3 stages, 4 warps was the fastest of six on an H200 (0.25 ms
     # per layer at 64k tokens; bench/results/2026-11-22-h200-triton-kernels.json); a fixed
-    # config is one compile at actor start, not one per candidate. The interpreter uses small
-    # tiles so the tests cross tile edges with short sequences.
-    block_m, block_n, stages, warps = (16, 16, 1, 1) if _interpreting() else (64, 64, 3, 4)
-    kernel[(n_seq, cdiv(max_len, block_m), heads)](
-        qkv, out, cu_seqlens, scale, qkv.stride(0), out.stride(0),
+    # config is one compile at actor start, not one per candidate.
+    block_m = attention_block_rows()
+    block_n, stages, warps = (16, 1, 1) if _interpreting() else (64, 3, 4)
+    kernel[(work.shape[0] // 2, heads)](
+        qkv, out, cu_seqlens, work, scale, qkv.stride(0), out.stride(0),
         HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_stages=stages, num_warps=warps,
     )  # fmt: skip

@@ -90,3 +90,20 @@ def test_triton_attention_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="attention='triton' needs Triton, CUDA"):
         PackedEncoder(_xlmr(), attention="triton")
+
+
+def test_attention_work_list_covers_every_row_of_every_sequence_once():
+    """One (sequence, row block) item per block of attention_block_rows() query rows: every
+    row of every sequence falls in exactly one item, and no item starts past its sequence."""
+    import numpy as np
+
+    rows = kernels.attention_block_rows()
+    lengths = np.array([1, rows - 1, rows, rows + 1, 5 * rows + 3, 2])
+    work = kernels.attention_work(lengths).reshape(-1, 2)
+    assert work.dtype == np.int32
+    covered = [np.zeros(n, dtype=int) for n in lengths]
+    for seq, block in work:
+        assert 0 <= block * rows < lengths[seq]
+        covered[seq][block * rows : (block + 1) * rows] += 1
+    assert all((c == 1).all() for c in covered)
+    assert kernels.attention_work(np.array([], dtype=np.int64)).shape == (0,)
