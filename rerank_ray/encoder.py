@@ -117,8 +117,8 @@ class PackedEncoder:
         attention over cu_seqlens), ``triton`` (``kernels.varlen_attention``: flash attention
         reading the fused QKV output in place, tiled for short sequences), ``sdpa`` (padded per
         micro-batch, exact, any device) or ``auto`` (varlen where available with fp16/bf16,
-        else sdpa). ``compile`` fuses each
-        residual add with its LayerNorm through ``torch.compile`` (dynamic shapes).
+        else sdpa). ``compile`` fuses each residual add with its LayerNorm through
+        ``torch.compile`` (dynamic shapes).
         ``gelu_epilogue`` computes bias + GELU inside the feed-forward matmul (cuBLASLt
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.
@@ -150,7 +150,6 @@ class PackedEncoder:
         first_param = next(model.parameters())
         self.device = torch.device(device) if device is not None else first_param.device
         self.dtype = dtype if dtype is not None else first_param.dtype
-        self._act = cfg.hidden_act
         self._eps = float(cfg.layer_norm_eps)
         self._heads = int(cfg.num_attention_heads)
         self._hidden = int(cfg.hidden_size)
@@ -219,7 +218,6 @@ class PackedEncoder:
         self.attention = attention
         if gelu_epilogue and (not on_cuda or not cfg.hidden_act.startswith("gelu")):
             raise ValueError("gelu_epilogue needs CUDA and a GELU model; leave it off here.")
-        self._gelu_epilogue = gelu_epilogue
         if gelu_epilogue:
             self._up = _linear_tanh_gelu_epilogue
         else:

@@ -137,8 +137,9 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     The GELU epilogue (tanh form) moves logits off HF's exact GELU, so it is opt-in. The
     Triton kernels (kernels.py: add+LayerNorm and varlen attention) keep HF's numerics, so
     they are on where Triton runs and the model's shapes allow, unless their self-check fails
-    on this GPU: then eager ops, with a warning saying why. (The exact-GELU matmul is not used
-    by default: slower than cuBLAS + PyTorch's GELU on an H200, see bench/README.md.)
+    on this GPU: then eager ops, with a warning saying why. (A Triton matmul with the exact
+    GELU in its epilogue was tried and dropped: slower than cuBLAS + PyTorch's GELU on an
+    H200, see kernels.py.)
     """
     import torch
 
@@ -148,12 +149,16 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     gelu_epilogue = fast_gelu and cfg.hidden_act.startswith("gelu")
+    # The attention kernel's matmuls take 16-bit inputs (float32 would run them in TF32).
+    triton_attention = dtype in (torch.float16, torch.bfloat16) and kernels.attention_supported(
+        head_dim
+    )
     fused = fused_kernels and kernels.available(device)
-    if fused and (problem := kernels.self_check(device, dtype, head_dim)):
+    checked_head = head_dim if triton_attention else None
+    if fused and (problem := kernels.self_check(device, dtype, checked_head)):
         logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
         fused = False
-    half = dtype in (torch.float16, torch.bfloat16)  # the Triton matmuls take 16-bit inputs
-    attention = "triton" if fused and half and kernels.attention_supported(head_dim) else "auto"
+    attention = "triton" if fused and triton_attention else "auto"
     return PackedEncoder(
         model,
         attention=attention,
