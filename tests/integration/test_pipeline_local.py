@@ -319,6 +319,11 @@ def test_stage_traces_account_for_every_row(tiny_model_dir, tmp_path):
             assert init["start"] <= init["end"]
             own = [c["start"] for c in calls if c["pid"] == init["pid"]]
             assert all(init["end"] <= t for t in own)
+            if stage == "score":  # where the scoring actor's set-up went (the bench reads it)
+                steps = init["setup_seconds"]
+                assert set(steps) == {"load_model", "build_runner", "autotune"}, steps
+                assert all(v >= 0 for v in steps.values()), steps
+                assert sum(steps.values()) <= init["end"] - init["start"] + 0.05, (steps, init)
 
 
 def test_jsonl_shards_with_int_and_float_scores_are_accepted(tmp_path):
