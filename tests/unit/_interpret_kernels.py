@@ -16,7 +16,6 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 sys.path.insert(0, os.path.dirname(__file__))
 
 from test_encoder import LENGTHS, _batch, _bert, _hf_padded, _xlmr  # noqa: E402
-from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification  # noqa: E402
 
 from rerank_ray import kernels  # noqa: E402
 from rerank_ray.encoder import PackedEncoder  # noqa: E402
@@ -91,22 +90,7 @@ for bad in ((torch.zeros(10, 95), 2), (torch.zeros(10, 3 * 2 * 12), 2)):
 out["self_check_attention"] = kernels.self_check(torch.device("cpu"), torch.float32, 16)
 
 # The encoder with the Triton attention (head size 16: hidden 64, 4 heads), fp32, against HF.
-torch.manual_seed(0)
-cfg = XLMRobertaConfig(
-    vocab_size=97,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=66,
-    type_vocab_size=1,
-    pad_token_id=1,
-    bos_token_id=0,
-    eos_token_id=2,
-    layer_norm_eps=1e-5,
-    num_labels=1,
-)
-xlmr16 = XLMRobertaForSequenceClassification(cfg).eval()
+xlmr16 = _xlmr(hidden=64)
 seqs, _, offsets = _batch(LENGTHS)
 ref = _hf_padded(xlmr16, seqs, None, pad_id=1)
 ids = np.concatenate(seqs)

@@ -17,14 +17,15 @@ from rerank_ray.encoder import PackedEncoder
 VOCAB = 97
 
 
-def _xlmr() -> torch.nn.Module:
+def _xlmr(hidden: int = 32) -> torch.nn.Module:
+    """Tiny XLM-R, 4 heads (head size hidden / 4; the Triton attention needs >= 16)."""
     torch.manual_seed(0)
     cfg = XLMRobertaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
+        hidden_size=hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=64,
+        intermediate_size=2 * hidden,
         max_position_embeddings=66,
         type_vocab_size=1,
         pad_token_id=1,
