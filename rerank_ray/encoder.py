@@ -25,8 +25,8 @@ SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
 ATTENTION_BACKENDS = ("auto", "varlen", "triton", "sdpa")
 _ROBERTA_LIKE = ("xlm-roberta", "roberta")
 # In place on the feed-forward's intermediate (same kernels and results as F.gelu / F.relu):
-# no second tokens x intermediate buffer (peak memory 2.98 -> 2.11 GiB at a 64k-token budget
-# on an H200, bench/results/2026-11-22-h200-ffn-chunks.json).
+# no second tokens x intermediate buffer (peak memory 2.98 -> 2.1-2.5 GiB at a 64k-token
+# budget on an H200, bench/results/2026-11-22-h200-{ffn-chunks,final}.json).
 _ACTIVATIONS = {
     "gelu": lambda h: torch.ops.aten.gelu_(h),
     "gelu_new": lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
