@@ -355,6 +355,7 @@ class _ResolvedTokenize:
             query_max_length=cfg.effective_query_max_length,
             drop_columns=drop_columns,
             trust_remote_code=cfg.trust_remote_code,
+            cache_dir=str(cfg.model_cache_dir or storage.default_cache_dir()),
         )
         self.trace.ready()
 

@@ -11,7 +11,13 @@ Rows that cannot be scored are not dropped: they keep flowing with a ``reject_re
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +25,8 @@ import pyarrow.compute as pc
 
 from rerank_ray import schema
 from rerank_ray.schema import RejectReason
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,32 @@ class TokenizeStage:
         query_max_length: int,
         drop_columns: tuple[str, ...] = (),
         trust_remote_code: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
+        """``cache_dir``: where to keep what this stage takes from the HF tokenizer (the Rust
+        tokenizer it calls, the pair template, the settings it reads), keyed by the model's
+        tokenizer files and the transformers/tokenizers versions. A later actor with the same
+        key starts from there without importing transformers (seconds per actor); the ids are
+        the same by construction: the cached tokenizer is the HF one's own serialization.
+        None: no cache. Never used with ``trust_remote_code``."""
+        self.max_length = max_length
+        self.query_max_length = query_max_length
+        self.drop_columns = tuple(drop_columns)
+        cache = (
+            _TokenizerCache(model_dir, cache_dir) if cache_dir and not trust_remote_code else None
+        )
+        saved = cache.load() if cache else None
+        if saved is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = None
+            self._raw = Tokenizer.from_str(saved["tokenizer"])
+            self.template = PairTemplate(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["template"].items()}
+            )
+            self.with_token_type_ids = saved["with_token_type_ids"]
+            self._settings = saved["settings"]
+            return
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -148,10 +181,20 @@ class TokenizeStage:
         )
         self.template = PairTemplate.from_tokenizer(self.tokenizer)
         self._raw = _raw_rust_tokenizer(self.tokenizer)
-        self.max_length = max_length
-        self.query_max_length = query_max_length
-        self.drop_columns = tuple(drop_columns)
         self.with_token_type_ids = "token_type_ids" in self.tokenizer.model_input_names
+        self._settings = {}
+        if cache is not None and self._raw is not None:
+            cache.save(
+                {
+                    "tokenizer": self._raw.to_str(),
+                    "template": dataclasses.asdict(self.template),
+                    "with_token_type_ids": self.with_token_type_ids,
+                    "settings": {
+                        "split_special_tokens": self._split_special_tokens,
+                        "truncation_side": self._truncation_side,
+                    },
+                }
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = {c: batch[c].to_pylist() for c in schema.TEXT_COLUMNS}
@@ -249,7 +292,7 @@ class TokenizeStage:
         # (bench/tokenize_rate.py). Same truncation side and special-token splitting as the
         # HF call; padding is off (set once in _raw_rust_tokenizer).
         raw = self._raw
-        split_special = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        split_special = self._split_special_tokens
         if raw.encode_special_tokens != split_special:
             raw.encode_special_tokens = split_special
         raw.enable_truncation(
@@ -260,7 +303,56 @@ class TokenizeStage:
 
     @property
     def _truncation_side(self) -> str:
+        if self.tokenizer is None:
+            return self._settings["truncation_side"]
         return getattr(self.tokenizer, "truncation_side", "right")
+
+    @property
+    def _split_special_tokens(self) -> bool:
+        if self.tokenizer is None:
+            return self._settings["split_special_tokens"]
+        return bool(getattr(self.tokenizer, "split_special_tokens", False))
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
+
+
+class _TokenizerCache:
+    """One JSON file per key: the model directory's non-weight files (names and bytes: the
+    tokenizer files, its config), the transformers and tokenizers versions, and this
+    format's version. Written atomically; an unreadable or foreign file is a miss."""
+
+    FORMAT = 1
+
+    def __init__(self, model_dir: str, cache_dir: str) -> None:
+        from importlib import metadata
+
+        h = hashlib.sha256()
+        versions = [metadata.version(p) for p in ("transformers", "tokenizers")]
+        h.update(f"rerank-ray tokenizer cache {self.FORMAT} {versions}".encode())
+        for path in sorted(Path(model_dir).iterdir()):
+            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES):
+                h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        self.key = h.hexdigest()
+        self.path = Path(cache_dir) / "tokenizers" / f"{self.key}.json"
+
+    def load(self) -> dict | None:
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None
+        return saved
+
+    def save(self, content: dict) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": self.key, **content}))
+            os.replace(tmp, self.path)  # readers see the old file or the whole new one
+        except OSError as e:  # a read-only cache only costs start-up time
+            logger.info("Tokenizer cache not written to %s: %s", self.path, e)
 
 
 def _raw_rust_tokenizer(tokenizer):

@@ -146,3 +146,81 @@ def test_repeated_queries_tokenized_once_give_each_row_its_pair(kind, request):
     out = TokenizeStage(str(model_dir), max_length=512, query_max_length=384)(table(pairs))
     expected = tok([q for q, _ in pairs], [d for _, d in pairs])
     assert out[schema.INPUT_IDS].to_pylist() == expected["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+def test_cached_tokenizer_gives_the_same_rows_without_transformers(kind, request, tmp_path):
+    """The first stage with a cache_dir writes what it takes from the HF tokenizer; a later
+    one starts from that file (AutoTokenizer is never called) and tokenizes every row the
+    same, truncation and token types included."""
+    import transformers
+
+    model_dir = str(request.getfixturevalue(kind))
+    cache = tmp_path / "cache"
+    long_doc = " ".join(d for _, d in PAIRS) * 4  # truncated at max_length 40
+    batch = table([*PAIRS, (PAIRS[0][0], long_doc)])
+    first = TokenizeStage(model_dir, 40, 12, cache_dir=str(cache))
+    want = first(batch)
+    assert len(list((cache / "tokenizers").glob("*.json"))) == 1
+
+    def no_hf(*args, **kwargs):
+        raise AssertionError("AutoTokenizer used although the cache holds this tokenizer")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(transformers.AutoTokenizer, "from_pretrained", no_hf)
+    try:
+        cached = TokenizeStage(model_dir, 40, 12, cache_dir=str(cache))
+        got = cached(batch)
+    finally:
+        mp.undo()
+    assert cached.tokenizer is None
+    assert got.equals(want)
+    assert got[schema.TRUNCATED].to_pylist()[-1] is True
+
+
+def test_tokenizer_cache_misses_when_the_files_change_or_break(tiny_model_dir, tmp_path):
+    """A changed tokenizer file is another key; a broken cache file is a miss that the next
+    stage rewrites; trust_remote_code never uses the cache."""
+    import shutil
+
+    from rerank_ray.tokenize import _TokenizerCache
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cache = tmp_path / "cache"
+    TokenizeStage(str(model_dir), 40, 12, cache_dir=str(cache))
+    entry = _TokenizerCache(str(model_dir), str(cache))
+    assert entry.load() is not None
+    entry.path.write_text("{not json")
+    assert entry.load() is None
+    TokenizeStage(str(model_dir), 40, 12, cache_dir=str(cache))
+    assert entry.load() is not None
+    config = model_dir / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"note": "edited",', 1))
+    edited = _TokenizerCache(str(model_dir), str(cache)).key
+    assert edited != entry.key
+    (model_dir / "model.safetensors").write_bytes(b"weights are not part of the key")
+    assert _TokenizerCache(str(model_dir), str(cache)).key == edited
+    other = tmp_path / "other"
+    TokenizeStage(str(model_dir), 40, 12, trust_remote_code=True, cache_dir=str(other))
+    assert not other.exists()
+
+
+def test_a_stage_from_the_cache_does_not_import_transformers(tiny_model_dir, tmp_path):
+    """What the cache is for: a tokenize actor's start without importing transformers (and
+    torch behind it), seconds per actor. Checked in a fresh process."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    TokenizeStage(str(tiny_model_dir), 40, 12, cache_dir=str(cache))
+    code = (
+        "import sys\n"
+        "from rerank_ray.tokenize import TokenizeStage\n"
+        f"s = TokenizeStage({str(tiny_model_dir)!r}, 40, 12, cache_dir={str(cache)!r})\n"
+        "assert s.tokenizer is None\n"
+        "print(sorted(m for m in ('transformers', 'torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
