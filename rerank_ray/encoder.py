@@ -15,7 +15,10 @@ token of each sequence feeds the model's own classifier head; one raw logit per 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -76,6 +79,78 @@ def _linear_tanh_gelu_epilogue(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor
     return torch._addmm_activation(b, x, w.t(), use_gelu=True)
 
 
+# Checkpoint layouts from_checkpoint reads: the architecture's class name -> its model_type.
+_ARCHITECTURES = {
+    "XLMRobertaForSequenceClassification": "xlm-roberta",
+    "RobertaForSequenceClassification": "roberta",
+    "BertForSequenceClassification": "bert",
+}
+# Settings the encoder reads; from_checkpoint wants each written out in config.json.
+_CONFIG_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "hidden_act",
+    "layer_norm_eps",
+    "max_position_embeddings",
+)
+
+
+def _checkpoint_config(model_dir: Path) -> SimpleNamespace | None:
+    """``config.json`` as attributes, or None unless it plainly describes a model this module
+    reads without transformers (see ``PackedEncoder.from_checkpoint``)."""
+    try:
+        raw = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or raw.get("auto_map"):  # remote code: transformers decides
+        return None
+    archs = raw.get("architectures") or []
+    if len(archs) != 1 or _ARCHITECTURES.get(archs[0]) != raw.get("model_type"):
+        return None
+    if any(key not in raw for key in _CONFIG_KEYS):
+        return None
+    if raw["model_type"] in _ROBERTA_LIKE and not isinstance(raw.get("pad_token_id"), int):
+        return None
+    if isinstance(raw.get("id2label"), dict):  # how transformers counts labels
+        num_labels = len(raw["id2label"])
+    elif isinstance(raw.get("num_labels"), int):
+        num_labels = raw["num_labels"]
+    else:
+        return None
+    return SimpleNamespace(**{**raw, "num_labels": num_labels})
+
+
+def _checkpoint_tensors(model_dir: Path, device: str | torch.device):
+    """``name -> tensor`` over the directory's safetensors weights (one file, or shards with
+    an index), each tensor read straight onto ``device``; None without safetensors."""
+    from safetensors import safe_open
+
+    single, index = model_dir / "model.safetensors", model_dir / "model.safetensors.index.json"
+    if single.is_file():
+        file_of = None
+    elif index.is_file():
+        try:
+            file_of = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError):
+            return None
+    else:
+        return None
+    handles: dict[str, tuple] = {}
+
+    def tensor(name: str) -> torch.Tensor:
+        file = single.name if file_of is None else file_of[name]  # KeyError: not there
+        if file not in handles:
+            handle = safe_open(str(model_dir / file), framework="pt", device=str(device))
+            handles[file] = (handle, set(handle.keys()))
+        handle, names = handles[file]
+        if name not in names:
+            raise KeyError(name)
+        return handle.get_tensor(name)
+
+    return tensor
+
+
 class PendingScores:
     """Scores of a submitted micro-batch; ``result()`` waits for the device and returns them."""
 
@@ -125,7 +200,58 @@ class PackedEncoder:
         ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
         (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
         """
-        cfg = model.config
+        first_param = next(model.parameters())
+        self._setup(
+            model.config,
+            model.state_dict().__getitem__,
+            device=torch.device(device) if device is not None else first_param.device,
+            dtype=dtype if dtype is not None else first_param.dtype,
+            attention=attention,
+            compile=compile,
+            gelu_epilogue=gelu_epilogue,
+            fused_layer_norm=fused_layer_norm,
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype, **options
+    ) -> PackedEncoder | None:
+        """The encoder straight from a model directory's ``config.json`` and safetensors
+        weights, each tensor read once onto ``device``: no transformers import and no HF model
+        built first (seconds of a scoring actor's start). The names are the checkpoint's own,
+        the ones ``__init__`` reads from a loaded HF model, so both give the same weights.
+
+        None (the caller loads the model through transformers instead) unless the directory
+        is plainly one this class reads: a supported ``architectures`` entry, every setting it
+        uses written out in ``config.json`` (no library default is guessed), safetensors
+        weights holding every tensor it needs. ``options`` as for ``__init__``."""
+        config = _checkpoint_config(Path(model_dir))
+        if config is None:
+            return None
+        tensors = _checkpoint_tensors(Path(model_dir), device)
+        if tensors is None:
+            return None
+        self = cls.__new__(cls)
+        try:
+            self._setup(config, tensors, device=torch.device(device), dtype=dtype, **options)
+        except (KeyError, ValueError):  # a tensor missing, a setting this class refuses:
+            return None  # transformers loads it, and the caller decides as before
+        return self
+
+    def _setup(
+        self,
+        cfg,
+        weight,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str = "auto",
+        compile: bool = False,  # noqa: A002
+        gelu_epilogue: bool = False,
+        fused_layer_norm: bool = False,
+    ) -> None:
+        """``cfg``: the model's config (attributes as HF's); ``weight(name)``: the tensor of a
+        state-dict name (KeyError when missing)."""
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"PackedEncoder supports model types {SUPPORTED_MODEL_TYPES}, got "
@@ -147,55 +273,60 @@ class PackedEncoder:
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}.")
 
-        first_param = next(model.parameters())
-        self.device = torch.device(device) if device is not None else first_param.device
-        self.dtype = dtype if dtype is not None else first_param.dtype
+        self.device = device
+        self.dtype = dtype
         self._eps = float(cfg.layer_norm_eps)
         self._heads = int(cfg.num_attention_heads)
         self._hidden = int(cfg.hidden_size)
         roberta_like = cfg.model_type in _ROBERTA_LIKE
         # XLM-R/RoBERTa number positions from padding_idx + 1 and skip pad tokens.
         self._pad_idx = int(cfg.pad_token_id) if roberta_like else None
-        base = model.roberta if roberta_like else model.bert
+        base = "roberta." if roberta_like else "bert."
         offset = self._pad_idx + 1 if roberta_like else 0
         self.max_tokens = int(cfg.max_position_embeddings) - offset
 
-        def t(p: torch.Tensor) -> torch.Tensor:
-            return p.detach().to(device=self.device, dtype=self.dtype).contiguous()
+        def t(name: str) -> torch.Tensor:
+            return weight(name).detach().to(device=self.device, dtype=self.dtype).contiguous()
 
-        emb = base.embeddings
-        self._word = t(emb.word_embeddings.weight)
-        self._pos = t(emb.position_embeddings.weight)
-        self._type = t(emb.token_type_embeddings.weight)
-        self._emb_ln = (t(emb.LayerNorm.weight), t(emb.LayerNorm.bias))
+        def cat(*names: str) -> torch.Tensor:
+            return torch.cat([t(n) for n in names])
+
+        emb = base + "embeddings."
+        self._word = t(emb + "word_embeddings.weight")
+        self._pos = t(emb + "position_embeddings.weight")
+        self._type = t(emb + "token_type_embeddings.weight")
+        self._emb_ln = (t(emb + "LayerNorm.weight"), t(emb + "LayerNorm.bias"))
         self._layers = []
-        for layer in base.encoder.layer:
-            sa, ao = layer.attention.self, layer.attention.output
+        for i in range(int(cfg.num_hidden_layers)):
+            p = f"{base}encoder.layer.{i}."
+            sa, ao = p + "attention.self.", p + "attention.output."
             self._layers.append(
                 _LayerWeights(
-                    qkv_w=t(torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])),
-                    qkv_b=t(torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])),
-                    out_w=t(ao.dense.weight),
-                    out_b=t(ao.dense.bias),
-                    ln1_w=t(ao.LayerNorm.weight),
-                    ln1_b=t(ao.LayerNorm.bias),
-                    up_w=t(layer.intermediate.dense.weight),
-                    up_b=t(layer.intermediate.dense.bias),
-                    down_w=t(layer.output.dense.weight),
-                    down_b=t(layer.output.dense.bias),
-                    ln2_w=t(layer.output.LayerNorm.weight),
-                    ln2_b=t(layer.output.LayerNorm.bias),
+                    qkv_w=cat(sa + "query.weight", sa + "key.weight", sa + "value.weight"),
+                    qkv_b=cat(sa + "query.bias", sa + "key.bias", sa + "value.bias"),
+                    out_w=t(ao + "dense.weight"),
+                    out_b=t(ao + "dense.bias"),
+                    ln1_w=t(ao + "LayerNorm.weight"),
+                    ln1_b=t(ao + "LayerNorm.bias"),
+                    up_w=t(p + "intermediate.dense.weight"),
+                    up_b=t(p + "intermediate.dense.bias"),
+                    down_w=t(p + "output.dense.weight"),
+                    down_b=t(p + "output.dense.bias"),
+                    ln2_w=t(p + "output.LayerNorm.weight"),
+                    ln2_b=t(p + "output.LayerNorm.bias"),
                 )
             )
         if roberta_like:  # classifier head: dense -> tanh -> out_proj on the first token
-            head = model.classifier
-            self._head = (t(head.dense.weight), t(head.dense.bias))
-            self._out = (t(head.out_proj.weight), t(head.out_proj.bias))
+            self._head = (t("classifier.dense.weight"), t("classifier.dense.bias"))
+            self._out = (t("classifier.out_proj.weight"), t("classifier.out_proj.bias"))
         else:  # BERT: pooler (dense -> tanh) on the first token, then the classifier
-            if base.pooler is None:
-                raise ValueError("BERT model has no pooler; cannot reproduce its classifier head.")
-            self._head = (t(base.pooler.dense.weight), t(base.pooler.dense.bias))
-            self._out = (t(model.classifier.weight), t(model.classifier.bias))
+            try:
+                self._head = (t(base + "pooler.dense.weight"), t(base + "pooler.dense.bias"))
+            except KeyError:
+                raise ValueError(
+                    "BERT model has no pooler; cannot reproduce its classifier head."
+                ) from None
+            self._out = (t("classifier.weight"), t("classifier.bias"))
 
         on_cuda = self.device.type == "cuda"
         half = self.dtype in (torch.float16, torch.bfloat16)

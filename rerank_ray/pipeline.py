@@ -383,7 +383,7 @@ class _ResolvedScore:
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
         )
-        self.trace.ready(setup_seconds=self.stage.setup_seconds)
+        self.trace.ready(setup_seconds=self.stage.setup_seconds, load_path=self.stage.load_path)
 
     def __call__(self, batch):
         return self.trace(self.stage, batch)

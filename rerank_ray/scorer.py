@@ -53,19 +53,31 @@ class ScoreStage:
         t0 = time.perf_counter()
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        model = load_cross_encoder(
-            model_dir,
-            device=self.device,
-            dtype=self.dtype,
-            allow_pickle_weights=allow_pickle_weights,
-            trust_remote_code=trust_remote_code,
-        )
-        t_loaded = time.perf_counter()
         on_gpu = self.device.type == "cuda"
-        if on_gpu and model.config.model_type in SUPPORTED_MODEL_TYPES:
-            self.runner = packed_runner(model, self.device, self.dtype, fast_gelu, fused_kernels)
-        else:
-            self.runner = PaddedRunner(model, self.device)
+        self.runner = None
+        # On a GPU, straight from the checkpoint where it is plain (no transformers import,
+        # no HF model built first: seconds of start-up); else through transformers.
+        if on_gpu and not trust_remote_code:
+            self.runner = packed_runner_from_checkpoint(
+                model_dir, self.device, self.dtype, fast_gelu, fused_kernels
+            )
+        self.load_path = "checkpoint" if self.runner is not None else "transformers"
+        t_loaded = time.perf_counter()
+        if self.runner is None:
+            model = load_cross_encoder(
+                model_dir,
+                device=self.device,
+                dtype=self.dtype,
+                allow_pickle_weights=allow_pickle_weights,
+                trust_remote_code=trust_remote_code,
+            )
+            t_loaded = time.perf_counter()
+            if on_gpu and model.config.model_type in SUPPORTED_MODEL_TYPES:
+                self.runner = packed_runner(
+                    model, self.device, self.dtype, fast_gelu, fused_kernels
+                )
+            else:
+                self.runner = PaddedRunner(model, self.device)
         t_runner = time.perf_counter()
         if token_budget is None and on_gpu:
             token_budget = autotune_token_budget(
@@ -141,12 +153,32 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     GELU in its epilogue was tried and dropped: slower than cuBLAS + PyTorch's GELU on an
     H200, see kernels.py.)
     """
+    from rerank_ray.encoder import PackedEncoder
+
+    options = _packed_options(model.config, device, dtype, fast_gelu, fused_kernels)
+    return PackedEncoder(model, **options)
+
+
+def packed_runner_from_checkpoint(model_dir, device, dtype, fast_gelu: bool, fused_kernels: bool):
+    """``packed_runner`` built from the model directory without transformers
+    (``PackedEncoder.from_checkpoint``), or None where that does not apply (the caller loads
+    the model through transformers)."""
+    from pathlib import Path
+
+    from rerank_ray.encoder import PackedEncoder, _checkpoint_config
+
+    config = _checkpoint_config(Path(model_dir))
+    if config is None:
+        return None
+    options = _packed_options(config, device, dtype, fast_gelu, fused_kernels)
+    return PackedEncoder.from_checkpoint(model_dir, device=device, dtype=dtype, **options)
+
+
+def _packed_options(cfg, device, dtype, fast_gelu: bool, fused_kernels: bool) -> dict:
     import torch
 
     from rerank_ray import kernels
-    from rerank_ray.encoder import PackedEncoder
 
-    cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     gelu_epilogue = fast_gelu and cfg.hidden_act.startswith("gelu")
     # The attention kernel's matmuls take 16-bit inputs (float32 would run them in TF32).
@@ -158,13 +190,11 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     if fused and (problem := kernels.self_check(device, dtype, checked_head)):
         logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
         fused = False
-    attention = "triton" if fused and triton_attention else "auto"
-    return PackedEncoder(
-        model,
-        attention=attention,
-        gelu_epilogue=gelu_epilogue,
-        fused_layer_norm=fused,
-    )
+    return {
+        "attention": "triton" if fused and triton_attention else "auto",
+        "gelu_epilogue": gelu_epilogue,
+        "fused_layer_norm": fused,
+    }
 
 
 def _combine(column: pa.ChunkedArray) -> pa.ListArray:

@@ -153,3 +153,19 @@ def test_triton_attention_takes_more_sequences_than_a_grid_axis_of_65535():
     qkv = torch.randn(n_seq, 3 * heads * 64, device="cuda", dtype=torch.float16)
     out = kernels.varlen_attention(qkv, cu, 1, heads)
     torch.testing.assert_close(out, qkv[:, 2 * heads * 64 :], rtol=0, atol=1e-3)
+
+
+def test_scoring_actor_reads_the_checkpoint_and_scores_as_through_transformers(tmp_path):
+    """On a GPU the scoring actor builds its encoder from config.json + safetensors (no
+    transformers): same scores, fp16, default kernels, as the encoder built from the HF
+    model."""
+    from rerank_ray.scorer import ScoreStage, packed_runner
+
+    model = _model(torch.float32)
+    model.save_pretrained(tmp_path / "m")
+    stage = ScoreStage(str(tmp_path / "m"), device="cuda", token_budget=8192)
+    assert stage.load_path == "checkpoint"
+    hf = model.to(torch.float16)
+    via_hf = packed_runner(hf, torch.device("cuda"), torch.float16, False, True)
+    ids, offsets = _batch(32, seed=11)
+    np.testing.assert_array_equal(stage.runner.score(ids, offsets), via_hf.score(ids, offsets))

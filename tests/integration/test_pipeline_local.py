@@ -324,6 +324,7 @@ def test_stage_traces_account_for_every_row(tiny_model_dir, tmp_path):
                 assert set(steps) == {"load_model", "build_runner", "autotune"}, steps
                 assert all(v >= 0 for v in steps.values()), steps
                 assert sum(steps.values()) <= init["end"] - init["start"] + 0.05, (steps, init)
+                assert init["load_path"] == "transformers"  # on CPU; a GPU reads the checkpoint
 
 
 def test_jsonl_shards_with_int_and_float_scores_are_accepted(tmp_path):

@@ -164,3 +164,29 @@ def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     assert full.fused_layer_norm is True and full.attention != "triton"
     # float32 checks only add+LayerNorm: no attention kernel to check, none to fail on.
     assert checked == [head_dim if supported else None, None]
+
+
+def test_runner_from_the_checkpoint_equals_the_one_from_the_hf_model(tiny_model_dir, model_copy):
+    """The scoring actor's GPU start reads the checkpoint without transformers; here on CPU:
+    the same options and the same scores as the runner built from the loaded HF model, and
+    None for a directory it does not read plainly (the actor then loads through
+    transformers)."""
+    import json
+
+    from rerank_ray.scorer import packed_runner, packed_runner_from_checkpoint
+
+    cpu = torch.device("cpu")
+    direct = packed_runner_from_checkpoint(tiny_model_dir, cpu, torch.float32, False, True)
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
+    via_hf = packed_runner(model, cpu, torch.float32, False, True)
+    assert (direct.attention, direct.fused_layer_norm) == (
+        via_hf.attention,
+        via_hf.fused_layer_norm,
+    )
+    ids = np.array([0, 5, 6, 2, 2, 7, 8, 9, 2, 0, 11, 2], dtype=np.int32)
+    offsets = np.array([0, 9, 12], dtype=np.int64)
+    np.testing.assert_array_equal(direct.score(ids, offsets), via_hf.score(ids, offsets))
+    config = json.loads((model_copy / "config.json").read_text())
+    del config["architectures"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    assert packed_runner_from_checkpoint(model_copy, cpu, torch.float32, False, True) is None
