@@ -327,8 +327,14 @@ class _TokenizerCache:
     def __init__(self, model_dir: str, cache_dir: str) -> None:
         from importlib import metadata
 
+        def version(package: str) -> str:
+            try:
+                return metadata.version(package)
+            except metadata.PackageNotFoundError:
+                return "absent"
+
         h = hashlib.sha256()
-        versions = [metadata.version(p) for p in ("transformers", "tokenizers")]
+        versions = [version(p) for p in ("transformers", "tokenizers")]
         h.update(f"rerank-ray tokenizer cache {self.FORMAT} {versions}".encode())
         for path in sorted(Path(model_dir).iterdir()):
             if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES):
