@@ -314,13 +314,16 @@ class TokenizeStage:
         return bool(getattr(self.tokenizer, "split_special_tokens", False))
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt")
+_WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".onnx", ".ckpt", ".gguf", ".tflite",
+)  # fmt: skip
+_KEY_FILE_MAX_BYTES = 256 << 20  # larger files are weights or data, never a tokenizer's
 
 
 class _TokenizerCache:
     """One JSON file per key: the model directory's non-weight files (names and bytes: the
-    tokenizer files, its config), the transformers and tokenizers versions, and this
-    format's version. Written atomically; an unreadable or foreign file is a miss."""
+    tokenizer files, its config; files over 256 MiB are left out), the transformers and
+    tokenizers versions, and this format's version. Written atomically; an unreadable or foreign file is a miss."""
 
     FORMAT = 1
 
@@ -337,7 +340,11 @@ class _TokenizerCache:
         versions = [version(p) for p in ("transformers", "tokenizers")]
         h.update(f"rerank-ray tokenizer cache {self.FORMAT} {versions}".encode())
         for path in sorted(Path(model_dir).iterdir()):
-            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES):
+            if (
+                path.is_file()
+                and not path.name.endswith(_WEIGHT_SUFFIXES)
+                and path.stat().st_size <= _KEY_FILE_MAX_BYTES
+            ):
                 h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
         self.key = h.hexdigest()
         self.path = Path(cache_dir) / "tokenizers" / f"{self.key}.json"
