@@ -163,16 +163,7 @@ class TokenizeStage:
             _TokenizerCache(model_dir, cache_dir) if cache_dir and not trust_remote_code else None
         )
         saved = cache.load() if cache else None
-        if saved is not None:
-            from tokenizers import Tokenizer
-
-            self.tokenizer = None
-            self._raw = Tokenizer.from_str(saved["tokenizer"])
-            self.template = PairTemplate(
-                **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["template"].items()}
-            )
-            self.with_token_type_ids = saved["with_token_type_ids"]
-            self._settings = saved["settings"]
+        if saved is not None and self._from_cache(saved):
             return
         from transformers import AutoTokenizer
 
@@ -195,6 +186,28 @@ class TokenizeStage:
                     },
                 }
             )
+
+    def _from_cache(self, saved: dict) -> bool:
+        """Set up from a cache entry; False (the caller loads the HF tokenizer, which rewrites
+        the entry) if the entry does not hold what this stage needs."""
+        try:
+            from tokenizers import Tokenizer
+
+            raw = Tokenizer.from_str(saved["tokenizer"])
+            template = PairTemplate(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["template"].items()}
+            )
+            settings = {
+                k: saved["settings"][k] for k in ("split_special_tokens", "truncation_side")
+            }
+            with_types = bool(saved["with_token_type_ids"])
+        except Exception as e:  # a damaged entry costs one HF load, never wrong ids
+            logger.info("Tokenizer cache entry not usable (%s); loading the tokenizer.", e)
+            return False
+        self.tokenizer = None
+        self._raw, self.template, self._settings = raw, template, settings
+        self.with_token_type_ids = with_types
+        return True
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = {c: batch[c].to_pylist() for c in schema.TEXT_COLUMNS}
@@ -323,7 +336,8 @@ _KEY_FILE_MAX_BYTES = 256 << 20  # larger files are weights or data, never a tok
 class _TokenizerCache:
     """One JSON file per key: the model directory's non-weight files (names and bytes: the
     tokenizer files, its config; files over 256 MiB are left out), the transformers and
-    tokenizers versions, and this format's version. Written atomically; an unreadable or foreign file is a miss."""
+    tokenizers versions, and this format's version. Written atomically; an unreadable or
+    foreign file is a miss."""
 
     FORMAT = 1
 

@@ -181,6 +181,7 @@ def test_cached_tokenizer_gives_the_same_rows_without_transformers(kind, request
 def test_tokenizer_cache_misses_when_the_files_change_or_break(tiny_model_dir, tmp_path):
     """A changed tokenizer file is another key; a broken cache file is a miss that the next
     stage rewrites; trust_remote_code never uses the cache."""
+    import json
     import shutil
 
     from rerank_ray.tokenize import _TokenizerCache
@@ -195,6 +196,11 @@ def test_tokenizer_cache_misses_when_the_files_change_or_break(tiny_model_dir, t
     assert entry.load() is None
     TokenizeStage(str(model_dir), 40, 12, cache_dir=str(cache))
     assert entry.load() is not None
+    damaged = {**entry.load(), "template": {"prefix": [0]}}  # valid JSON, missing fields
+    entry.path.write_text(json.dumps(damaged))
+    stage = TokenizeStage(str(model_dir), 40, 12, cache_dir=str(cache))
+    assert stage.tokenizer is not None  # loaded through transformers, entry rewritten
+    assert entry.load()["template"] != damaged["template"]
     config = model_dir / "tokenizer_config.json"
     config.write_text(config.read_text().replace("{", '{"note": "edited",', 1))
     edited = _TokenizerCache(str(model_dir), str(cache)).key
