@@ -151,6 +151,11 @@ def seconds_per_call(fn, reps: int = 20, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / reps
 
 
+def ms_per_call(fn) -> float:
+    """``seconds_per_call`` in milliseconds, rounded for the report."""
+    return round(1e3 * seconds_per_call(fn), 3)
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -473,11 +478,8 @@ class Bench:
             < torch.tensor(lengths, device="cuda")[:, None]
         )
 
-        def time_it(fn):
-            return round(1e3 * seconds_per_call(fn), 3)
-
         out = {"tokens": n_tok, "rows": n_seq, "max_len": max_len}
-        out["varlen_ms"] = time_it(lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len))
+        out["varlen_ms"] = ms_per_call(lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len))
 
         def padded(backend, masked):
             def fn():
@@ -499,7 +501,7 @@ class Bench:
             for masked in (True, False):
                 key = f"padded_{name}_{'masked' if masked else 'unmasked_lower_bound'}_ms"
                 try:
-                    out[key] = time_it(padded(backend, masked))
+                    out[key] = ms_per_call(padded(backend, masked))
                 except Exception as e:  # a backend refusing these inputs is a result too
                     out[key] = f"{type(e).__name__}: {str(e)[:160]}"
         print("attention probe", out, flush=True)
@@ -507,14 +509,11 @@ class Bench:
 
     def _kernel_probe(self, offsets):
         """The Triton varlen attention alone against varlen_attn (FA2), on one micro-batch's
-        lengths unsorted and length-sorted (the scorer sorts each block). (The probe of the exact-GELU matmul that was tried and dropped is in
-        bench/results/2026-11-22-h200-tma-gemm-probe.json.)"""
+        lengths unsorted and length-sorted (the scorer sorts each block). (The probe of the
+        exact-GELU matmul that was tried and dropped: results/2026-11-22-h200-tma-gemm-probe.)"""
         from torch.nn.attention.varlen import varlen_attn
 
         from rerank_ray import kernels
-
-        def time_it(fn):
-            return round(1e3 * seconds_per_call(fn), 3)
 
         out = {"tokens": int(offsets[-1])}
         lengths = np.diff(offsets)
@@ -524,17 +523,15 @@ class Bench:
             cu = torch.tensor(off, device="cuda", dtype=torch.int32)
             qkv = torch.randn(n_tok, 3 * 1024, device="cuda", dtype=torch.float16)
             q, k, v = qkv.view(n_tok, 3, 16, 64).unbind(1)
-            out[f"attn_{label}_fa2_ms"] = time_it(
+            out[f"attn_{label}_fa2_ms"] = ms_per_call(
                 lambda q=q, k=k, v=v, cu=cu, m=max_len: varlen_attn(q, k, v, cu, cu, m, m)
             )
             work = torch.from_numpy(kernels.attention_work(lens)).cuda()  # as the encoder stages it
-            out[f"attn_{label}_triton_ms"] = time_it(
-                lambda qkv=qkv, cu=cu, m=max_len, work=work: kernels.varlen_attention(
-                    qkv, cu, m, 16, work=work
-                )
+            out[f"attn_{label}_triton_ms"] = ms_per_call(
+                lambda qkv=qkv, cu=cu, work=work: kernels.varlen_attention(qkv, cu, 16, work=work)
             )
             ref = varlen_attn(q, k, v, cu, cu, max_len, max_len).reshape(n_tok, 1024)
-            got = kernels.varlen_attention(qkv, cu, max_len, 16)
+            got = kernels.varlen_attention(qkv, cu, 16)
             out[f"attn_{label}_max_abs_diff"] = float((got.float() - ref.float()).abs().max())
         print("kernel probe", out, flush=True)
         return out

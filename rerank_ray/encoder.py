@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rerank_ray import kernels
+
 SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
 ATTENTION_BACKENDS = ("auto", "varlen", "triton", "sdpa")
 _ROBERTA_LIKE = ("xlm-roberta", "roberta")
@@ -96,7 +98,7 @@ _CONFIG_KEYS = (
 )
 
 
-def _checkpoint_config(model_dir: Path) -> SimpleNamespace | None:
+def checkpoint_config(model_dir: Path) -> SimpleNamespace | None:
     """``config.json`` as attributes, or None unless it plainly describes a model this module
     reads without transformers (see ``PackedEncoder.from_checkpoint``)."""
     try:
@@ -214,7 +216,13 @@ class PackedEncoder:
 
     @classmethod
     def from_checkpoint(
-        cls, model_dir: str | Path, *, device: str | torch.device, dtype: torch.dtype, **options
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        config: SimpleNamespace | None = None,
+        **options,
     ) -> PackedEncoder | None:
         """The encoder straight from a model directory's ``config.json`` and safetensors
         weights, each tensor read once onto ``device``: no transformers import and no HF model
@@ -224,8 +232,9 @@ class PackedEncoder:
         None (the caller loads the model through transformers instead) unless the directory
         is plainly one this class reads: a supported ``architectures`` entry, every setting it
         uses written out in ``config.json`` (no library default is guessed), safetensors
-        weights holding every tensor it needs. ``options`` as for ``__init__``."""
-        config = _checkpoint_config(Path(model_dir))
+        weights holding every tensor it needs. ``config``: ``checkpoint_config(model_dir)``
+        when the caller has read it already. ``options`` as for ``__init__``."""
+        config = config or checkpoint_config(Path(model_dir))
         if config is None:
             return None
         tensors = _checkpoint_tensors(Path(model_dir), device)
@@ -338,8 +347,6 @@ class PackedEncoder:
                 f"(device {self.device}, torch {torch.__version__}); use attention='sdpa'."
             )
         if attention == "triton":
-            from rerank_ray import kernels
-
             head_dim = self._hidden // self._heads
             if not (kernels.available(self.device) and kernels.attention_supported(head_dim)):
                 raise ValueError(
@@ -356,8 +363,6 @@ class PackedEncoder:
             self._up = lambda x, w, b: act(F.linear(x, w, b))
         self._pin = on_cuda
         if fused_layer_norm:
-            from rerank_ray import kernels
-
             if compile:
                 raise ValueError("fused_layer_norm and compile both fuse add+LayerNorm; pick one.")
             if not kernels.available(self.device):
@@ -402,8 +407,6 @@ class PackedEncoder:
         if has_types and len(type_ids_flat) != n_tok:
             raise ValueError(f"type_ids_flat has {len(type_ids_flat)} entries, ids {n_tok}.")
         if self.attention == "triton":
-            from rerank_ray import kernels
-
             work = kernels.attention_work(lengths)
             n_extra = len(work)
         else:
@@ -441,9 +444,7 @@ class PackedEncoder:
     ) -> torch.Tensor:
         n_tok = qkv.shape[0]
         if self.attention == "triton":
-            from rerank_ray import kernels
-
-            return kernels.varlen_attention(qkv, cu, max_len, self._heads, work=extra)
+            return kernels.varlen_attention(qkv, cu, self._heads, work=extra)
         qkv = qkv.view(n_tok, 3, self._heads, self._hidden // self._heads)
         if self.attention == "varlen":
             q, k, v = qkv.unbind(1)

@@ -58,7 +58,7 @@ def _kernel():
 
 
 def available(device: torch.device) -> bool:
-    """Whether the fused kernel can run on ``device``: Triton importable, and CUDA (or CPU
+    """Whether the Triton kernels can run on ``device``: Triton importable, and CUDA (or CPU
     under ``TRITON_INTERPRET=1``)."""
     try:
         import triton  # noqa: F401
@@ -94,8 +94,8 @@ def _interpreting() -> bool:
 
 
 def _half_on_gpu(name: str, x: torch.Tensor) -> None:
-    """The matmul kernels take fp16/bf16 on a GPU: there Triton would run float32 dots in
-    TF32, less exact than the eager float32 path they stand in for."""
+    """The attention kernel's dots take fp16/bf16 on a GPU: there Triton would run float32
+    dots in TF32, less exact than the eager float32 path it stands in for."""
     if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"{name} takes float16 or bfloat16 on a GPU, got {x.dtype}.")
 
@@ -183,17 +183,13 @@ def attention_work(lengths: np.ndarray) -> np.ndarray:
 
 
 def varlen_attention(
-    qkv: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_len: int,
-    heads: int,
-    work: torch.Tensor | None = None,
+    qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int, work: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Softmax attention within each packed sequence, no mask beyond the sequence bounds.
 
     ``qkv`` is the fused projection's output, [tokens, 3 * heads * head_dim] row-major (q, k, v
     blocks of ``heads * head_dim`` each); ``cu_seqlens`` int32 [B + 1], starting at 0;
-    ``max_len`` the longest sequence; ``work``: ``attention_work`` of the lengths as an int32
+    ``work``: ``attention_work`` of the lengths as an int32
     tensor on the device (built here from ``cu_seqlens`` when None, at the cost of a copy to
     the host). Returns [tokens, heads * head_dim]."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] % (3 * heads):
@@ -230,9 +226,9 @@ def varlen_attention(
 
 def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
     """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm
-    and (given a supported ``head_dim``) the attention. None when they all
-    agree, else why not (a Triton that cannot compile for this GPU, a wrong result). The
-    scorer calls it at actor start and keeps the eager ops when it fails."""
+    and (given a supported ``head_dim``) the attention. None when they all agree, else why
+    not (a Triton that cannot compile for this GPU, a wrong result). The scorer calls it at
+    actor start and keeps the eager ops when it fails."""
     import torch.nn.functional as F
 
     tol = 0.05 if dtype == torch.bfloat16 else 0.01
@@ -252,7 +248,7 @@ def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = 
             heads, lengths = 2, (3, 70, 130)
             cu = torch.tensor((0, 3, 73, 203), dtype=torch.int32, device=device)
             qkv = randn(203, 3 * heads * head_dim)
-            got = varlen_attention(qkv, cu, max(lengths), heads).float()
+            got = varlen_attention(qkv, cu, heads).float()
             parts = []
             for start, n in zip((0, 3, 73), lengths, strict=True):
                 q, k, v = qkv[start : start + n].float().view(n, 3, heads, head_dim).unbind(1)

@@ -42,9 +42,10 @@ class ScoreStage:
     ) -> None:
         """``concurrent_calls``: how many ``__call__`` may run at once in threads (the job's
         ``scorer_calls``); the autotuned budget leaves memory for that many forward passes.
-        ``fused_kernels``: on a GPU with Triton, each residual add + LayerNorm runs as one
-        Triton kernel (same numerics as the eager pair; checked at start, eager ops if the
-        check fails)."""
+        ``fused_kernels``: on a GPU with Triton, each residual add + LayerNorm and (fp16/bf16)
+        the attention run as Triton kernels (same numerics as the eager ops; checked at start,
+        eager ops if the check fails). On a GPU a plain checkpoint is read without
+        transformers (``load_path`` says which way the model came)."""
         import time
 
         from rerank_ray.encoder import SUPPORTED_MODEL_TYPES
@@ -165,13 +166,15 @@ def packed_runner_from_checkpoint(model_dir, device, dtype, fast_gelu: bool, fus
     the model through transformers)."""
     from pathlib import Path
 
-    from rerank_ray.encoder import PackedEncoder, _checkpoint_config
+    from rerank_ray.encoder import PackedEncoder, checkpoint_config
 
-    config = _checkpoint_config(Path(model_dir))
+    config = checkpoint_config(Path(model_dir))
     if config is None:
         return None
     options = _packed_options(config, device, dtype, fast_gelu, fused_kernels)
-    return PackedEncoder.from_checkpoint(model_dir, device=device, dtype=dtype, **options)
+    return PackedEncoder.from_checkpoint(
+        model_dir, device=device, dtype=dtype, config=config, **options
+    )
 
 
 def _packed_options(cfg, device, dtype, fast_gelu: bool, fused_kernels: bool) -> dict:

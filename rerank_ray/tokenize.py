@@ -11,12 +11,11 @@ Rows that cannot be scored are not dropped: they keep flowing with a ``reject_re
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +177,7 @@ class TokenizeStage:
             cache.save(
                 {
                     "tokenizer": self._raw.to_str(),
-                    "template": dataclasses.asdict(self.template),
+                    "template": asdict(self.template),
                     "with_token_type_ids": self.with_token_type_ids,
                     "settings": {
                         "split_special_tokens": self._split_special_tokens,

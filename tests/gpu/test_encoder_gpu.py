@@ -128,7 +128,7 @@ def test_triton_attention_matches_flash_attention(dtype):
     qkv = torch.randn(n_tok, 3 * 8 * 64, generator=gen).to("cuda", dtype)
     q, k, v = qkv.view(n_tok, 3, 8, 64).unbind(1)
     want = varlen_attn(q, k, v, cu, cu, 512, 512).reshape(n_tok, -1).float()
-    got = kernels.varlen_attention(qkv, cu, 512, 8).float()
+    got = kernels.varlen_attention(qkv, cu, 8).float()
     assert (got - want).abs().max().item() < (2e-2 if dtype == torch.bfloat16 else 3e-3)
 
     model = _model(dtype)
@@ -151,7 +151,7 @@ def test_triton_attention_takes_more_sequences_than_a_grid_axis_of_65535():
     n_seq, heads = 70_000, 2
     cu = torch.arange(n_seq + 1, dtype=torch.int32, device="cuda")
     qkv = torch.randn(n_seq, 3 * heads * 64, device="cuda", dtype=torch.float16)
-    out = kernels.varlen_attention(qkv, cu, 1, heads)
+    out = kernels.varlen_attention(qkv, cu, heads)
     torch.testing.assert_close(out, qkv[:, 2 * heads * 64 :], rtol=0, atol=1e-3)
 
 
