@@ -224,6 +224,61 @@ def varlen_attention(
     return out
 
 
+def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Where ``linear_gelu`` runs: CUDA with TMA (compute capability 9+), fp16/bf16, row-major
+    operands whose rows are 16-byte aligned (TMA's rule)."""
+    if x.device.type == "cuda":
+        half = x.dtype in (torch.float16, torch.bfloat16)
+        if not half or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not (x.device.type == "cpu" and _interpreting()):
+        return False
+    return x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous() and x.shape[1] % 8 == 0
+
+
+def linear_gelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    BM: int = 128,
+    BN: int = 256,
+    BK: int = 64,
+    stages: int = 3,
+    warps: int = 8,
+    subtile: bool = True,
+    ws: bool = True,
+    fast_erf: bool = False,
+) -> torch.Tensor:
+    """``gelu(x @ weight.T + bias)`` with the exact (erf) GELU in the matmul's epilogue, rounded
+    as eager fp16/bf16 rounds it (after the addmm, then after the GELU)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if not linear_gelu_supported(x, weight):
+        raise ValueError(
+            f"linear_gelu needs row-major fp16/bf16 CUDA tensors on compute capability 9+, got "
+            f"{x.dtype} {tuple(x.shape)}/{x.stride()} on {x.device}."
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    a_desc = TensorDescriptor.from_tensor(x, [BM, BK])
+    w_desc = TensorDescriptor.from_tensor(weight, [BN, BK])
+    c_desc = TensorDescriptor.from_tensor(out, [BM, BN // 2 if subtile else BN])
+    tiles = -(-m // BM) * -(-n // BN)
+    from rerank_ray._gelu_matmul import linear_gelu_kernel
+
+    linear_gelu_kernel[(min(sms, tiles),)](
+        a_desc, w_desc, c_desc, bias, m, n, k,
+        BM=BM, BN=BN, BK=BK, GROUP_M=8, NUM_SMS=sms, SUBTILE=subtile, WS=ws, FAST=fast_erf,
+        num_stages=stages, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
 def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
     """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm
     and (given a supported ``head_dim``) the attention. None when they all agree, else why
