@@ -187,6 +187,7 @@ class PackedEncoder:
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
+        first_token_last_layer: bool = True,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
@@ -201,6 +202,11 @@ class PackedEncoder:
         models it changes logits slightly (bench/ reports by how much): off by default.
         ``fused_layer_norm`` runs each residual add + LayerNorm as one Triton kernel
         (``kernels.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``).
+        ``first_token_last_layer``: the classifier head reads only each sequence's first token,
+        so the last layer runs its attention query, output projection, LayerNorms and
+        feed-forward block for that token alone (keys and values still come from every
+        token). The same math on fewer rows: exact up to float rounding, ~3% fewer FLOPs
+        for 24 layers. On by default.
         """
         first_param = next(model.parameters())
         self._setup(
@@ -212,6 +218,7 @@ class PackedEncoder:
             compile=compile,
             gelu_epilogue=gelu_epilogue,
             fused_layer_norm=fused_layer_norm,
+            first_token_last_layer=first_token_last_layer,
         )
 
     @classmethod
@@ -258,6 +265,7 @@ class PackedEncoder:
         compile: bool = False,  # noqa: A002
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
+        first_token_last_layer: bool = True,
     ) -> None:
         """``cfg``: the model's config (attributes as HF's); ``weight(name)``: the tensor of a
         state-dict name (KeyError when missing)."""
@@ -376,6 +384,7 @@ class PackedEncoder:
         else:
             self._add_ln = _add_layer_norm
         self.fused_layer_norm = fused_layer_norm
+        self.first_token_last_layer = bool(first_token_last_layer) and bool(self._layers)
 
     # --- host side --------------------------------------------------------------------------
     def _stage(
@@ -384,7 +393,8 @@ class PackedEncoder:
         """Validate and pack every int input of a micro-batch into one int32 host buffer.
 
         Layout: ids[T] | positions[T] | cu_seqlens[B+1] | (type ids[T]) | extra, where extra
-        is row[T] | col[T] for SDPA, the kernel's work list for the Triton attention, else
+        is row[T] | col[T] for SDPA, the kernel's work list for the Triton attention (then,
+        with ``first_token_last_layer``, a list of each sequence's first row block), else
         empty. One buffer means one host-to-device copy.
         """
         offsets = np.asarray(offsets)
@@ -408,6 +418,10 @@ class PackedEncoder:
             raise ValueError(f"type_ids_flat has {len(type_ids_flat)} entries, ids {n_tok}.")
         if self.attention == "triton":
             work = kernels.attention_work(lengths)
+            if self.first_token_last_layer:  # then the first row block of each sequence
+                first = np.zeros((n_seq, 2), dtype=np.int32)
+                first[:, 0] = np.arange(n_seq)
+                work = np.concatenate([work, first.reshape(-1)])
             n_extra = len(work)
         else:
             n_extra = 2 * n_tok if self.attention == "sdpa" else 0
@@ -440,23 +454,39 @@ class PackedEncoder:
 
     # --- device side ------------------------------------------------------------------------
     def _attention(
-        self, qkv: torch.Tensor, cu: torch.Tensor, max_len: int, extra: torch.Tensor
-    ) -> torch.Tensor:
+        self, qkv: torch.Tensor, cu: torch.Tensor, max_len: int, extra: torch.Tensor,
+        first_only: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """Attention output of every token ([T, hidden]), or with ``first_only`` of each
+        sequence's first token only ([B, hidden]; queries from those tokens, keys and values
+        from all)."""
         n_tok = qkv.shape[0]
+        n_seq = cu.shape[0] - 1
+        firsts = cu[:-1]
         if self.attention == "triton":
-            return kernels.varlen_attention(qkv, cu, self._heads, work=extra)
+            n_work = len(extra) - 2 * n_seq if self.first_token_last_layer else len(extra)
+            if not first_only:
+                return kernels.varlen_attention(qkv, cu, self._heads, work=extra[:n_work])
+            out = kernels.varlen_attention(qkv, cu, self._heads, work=extra[n_work:])
+            return out.index_select(0, firsts)  # only the first row blocks were written
         qkv = qkv.view(n_tok, 3, self._heads, self._hidden // self._heads)
         if self.attention == "varlen":
             q, k, v = qkv.unbind(1)
-            out = _varlen_attn()(q, k, v, cu, cu, max_len, max_len)
-            return out.reshape(n_tok, self._hidden)
+            if not first_only:
+                out = _varlen_attn()(q, k, v, cu, cu, max_len, max_len)
+                return out.reshape(n_tok, self._hidden)
+            cu_q = torch.arange(n_seq + 1, device=cu.device, dtype=cu.dtype)
+            out = _varlen_attn()(q.index_select(0, firsts), k, v, cu_q, cu, 1, max_len)
+            return out.reshape(n_seq, self._hidden)
         row, col = extra.view(2, n_tok).long()
-        n_seq = cu.shape[0] - 1
         padded = qkv.new_zeros(n_seq, max_len, 3, self._heads, qkv.shape[-1])
         padded[row, col] = qkv
         q, k, v = (padded[:, :, i].transpose(1, 2) for i in range(3))  # (B, heads, L, d)
         lengths = (cu[1:] - cu[:-1]).long()
         keep = torch.arange(max_len, device=qkv.device)[None, :] < lengths[:, None]
+        if first_only:
+            out = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=keep[:, None, None])
+            return out.reshape(n_seq, self._hidden)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         return out.transpose(1, 2)[row, col].reshape(n_tok, self._hidden)
 
@@ -475,12 +505,20 @@ class PackedEncoder:
             x = x + self._type[0]
         extra = dev[at : at + n_extra]
         x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
-        for w in self._layers:
-            attn = self._attention(F.linear(x, w.qkv_w, w.qkv_b), cu, max_len, extra)
+        prune = self.first_token_last_layer
+        for i, w in enumerate(self._layers):
+            qkv = F.linear(x, w.qkv_w, w.qkv_b)
+            if prune and i == len(self._layers) - 1:
+                # Only the first tokens go on (all the head reads): their queries against
+                # every token's keys and values, then the rest of the layer on B rows.
+                attn = self._attention(qkv, cu, max_len, extra, first_only=True)
+                x = x.index_select(0, cu[:-1])
+            else:
+                attn = self._attention(qkv, cu, max_len, extra)
             x = self._add_ln(F.linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
             h = self._up(x, w.up_w, w.up_b)
             x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
-        first = x.index_select(0, cu[:-1])
+        first = x if prune else x.index_select(0, cu[:-1])
         pooled = torch.tanh(F.linear(first, *self._head))
         return F.linear(pooled, *self._out).view(n_seq).float()
 

@@ -142,6 +142,24 @@ def test_triton_attention_matches_flash_attention(dtype):
     assert err <= 1.5 * np.abs(eager_scores - ref).max() + 1e-3
 
 
+@pytest.mark.parametrize("attention", ["varlen", "triton", "sdpa"])
+def test_last_layer_on_first_tokens_matches_the_whole_last_layer(attention):
+    """The default last layer (first tokens only: FA2 with one query per sequence, the Triton
+    kernel on each sequence's first row block, or SDPA on the first query) against the whole
+    last layer, fp16, and both against fp32 HF."""
+    if attention == "varlen" and not varlen_attention_available():
+        pytest.skip("no varlen_attn in this torch")
+    model = _model(torch.float16)
+    ids, offsets = _batch(64, seed=9)
+    pruned = PackedEncoder(model, attention=attention)
+    whole = PackedEncoder(model, attention=attention, first_token_last_layer=False)
+    assert pruned.first_token_last_layer
+    got, full = pruned.score(ids, offsets), whole.score(ids, offsets)
+    ref = _hf(model.float(), ids, offsets).numpy()
+    assert np.abs(got - full).max() < 1e-2
+    assert np.abs(got - ref).max() <= 1.5 * np.abs(full - ref).max() + 1e-3
+
+
 def test_triton_attention_takes_more_sequences_than_a_grid_axis_of_65535():
     """A large token budget of short pairs can hold >65,535 sequences in one micro-batch: the
     kernel puts sequences on the grid's x axis. One-token sequences attend only to

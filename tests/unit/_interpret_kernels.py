@@ -100,4 +100,10 @@ out["triton_attention_xlmr_vs_hf"] = float(
     np.abs(triton_attn.score(ids, offsets, None) - ref).max()
 )
 out["sdpa_xlmr_vs_hf"] = float(np.abs(eager - ref).max())
+# The last layer on the first tokens only (the default) against the whole last layer.
+full = PackedEncoder(xlmr16, attention="triton", first_token_last_layer=False)
+out["triton_attention_full_last_layer_vs_hf"] = float(
+    np.abs(full.score(ids, offsets, None) - ref).max()
+)
+out["triton_attention_first_token_last_layer"] = triton_attn.first_token_last_layer
 print(json.dumps(out))

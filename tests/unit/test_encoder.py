@@ -139,6 +139,26 @@ def test_rejects_bad_offsets_and_too_long_sequences(xlmr):
         enc.score(np.full(65, 5, np.int32), np.array([0, 65]), None)
 
 
+@pytest.mark.parametrize("model_name", ["xlmr", "bert"])
+def test_last_layer_on_first_tokens_only_equals_the_whole_last_layer(model_name, request):
+    model = request.getfixturevalue(model_name)
+    seqs, types, offsets = _batch(LENGTHS, seed=6, with_types=model_name == "bert")
+    ids = np.concatenate(seqs)
+    tt = np.concatenate(types) if types else None
+    pruned = PackedEncoder(model)  # the default
+    whole = PackedEncoder(model, first_token_last_layer=False)
+    assert pruned.first_token_last_layer and not whole.first_token_last_layer
+    rows = []
+    up = pruned._up
+    pruned._up = lambda x, w, b: rows.append(x.shape[0]) or up(x, w, b)
+    got = pruned.score(ids, offsets, tt)
+    # every layer but the last runs on all tokens, the last on one row per sequence
+    assert rows == [len(ids)] * (len(pruned._layers) - 1) + [len(seqs)]
+    np.testing.assert_allclose(got, whole.score(ids, offsets, tt), atol=1e-5, rtol=0)
+    want = _hf_padded(model, seqs, types, pad_id=1 if model_name == "xlmr" else 0)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_rejects_unsupported_attention_and_varlen_on_cpu(xlmr):
     with pytest.raises(ValueError, match="attention must be one of"):
         PackedEncoder(xlmr, attention="flash")

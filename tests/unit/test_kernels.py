@@ -84,6 +84,9 @@ def test_encoder_with_triton_attention_matches_hf(interpreted):
     # fp32: the padded SDPA path is ~1e-8 from HF here; the kernel must be as close.
     assert interpreted["sdpa_xlmr_vs_hf"] < 1e-6
     assert interpreted["triton_attention_xlmr_vs_hf"] < 1e-6
+    # with the last layer on the first tokens (the default, its own work list) and without
+    assert interpreted["triton_attention_first_token_last_layer"] is True
+    assert interpreted["triton_attention_full_last_layer_vs_hf"] < 1e-6
 
 
 def test_triton_attention_is_refused_where_it_cannot_run(monkeypatch):
