@@ -114,10 +114,24 @@ def save_synthetic_tokenizer(path: str) -> None:
     fast.save_pretrained(path)
 
 
-def encoder_flops(lengths: np.ndarray, hidden: int, intermediate: int, layers: int) -> float:
+def encoder_flops(
+    lengths: np.ndarray,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    first_token_last_layer: bool = False,
+) -> float:
     """Model FLOPs of an encoder forward on sequences of ``lengths`` (no padding counted):
-    the four projections and the two attention matmuls of every layer."""
+    the four projections and the two attention matmuls of every layer. With
+    ``first_token_last_layer`` (the scorer's default) the FLOPs it runs: the last layer's
+    output projection, feed-forward block and attention queries for each sequence's first
+    token only (its QKV projection still runs on every token)."""
     lengths = np.asarray(lengths, dtype=np.float64)
     dense = 2.0 * (4 * hidden * hidden + 2 * hidden * intermediate) * lengths.sum()
     attention = 4.0 * hidden * (lengths**2).sum()
-    return layers * (dense + attention)
+    total = layers * (dense + attention)
+    if first_token_last_layer and layers:
+        rest = lengths - 1
+        total -= 2.0 * (hidden * hidden + 2 * hidden * intermediate) * rest.sum()
+        total -= 4.0 * hidden * (lengths**2 - lengths).sum()
+    return total
