@@ -384,6 +384,10 @@ class Bench:
             best,
             n,
         )
+        enc = PackedEncoder(self.model16, triton_gelu=True, **DEFAULT_KERNELS)
+        self.run_packed(
+            f"padding-free fp16 default + Triton GELU (erf to 1.5e-7), budget {best}", enc, best, n
+        )
         enc = PackedEncoder(self.model16, gelu_epilogue=True, **DEFAULT_KERNELS)
         self.run_packed(
             f"padding-free fp16 default + GELU epilogue (--fast-gelu), budget {best}",
@@ -440,6 +444,7 @@ class Bench:
             "fused_ln": {"fused_layer_norm": True},
             "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
             "default_add_ln_attention": DEFAULT_KERNELS,
+            "default_triton_gelu": {**DEFAULT_KERNELS, "triton_gelu": True},
         }
         for label, kw in variants.items():
             enc = PackedEncoder(self.model16, **kw)

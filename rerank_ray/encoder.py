@@ -188,6 +188,7 @@ class PackedEncoder:
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
         first_token_last_layer: bool = True,
+        triton_gelu: bool = False,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
@@ -207,6 +208,9 @@ class PackedEncoder:
         feed-forward block for that token alone (keys and values still come from every
         token). The same math on fewer rows: exact up to float rounding, ~3% fewer FLOPs
         for 24 layers. On by default.
+        ``triton_gelu`` runs the exact (erf) GELU of ``hidden_act="gelu"`` models as
+        ``kernels.gelu_`` (a cheaper erf, exact to 1.5e-7; CUDA, or CPU under
+        ``TRITON_INTERPRET=1``).
         """
         first_param = next(model.parameters())
         self._setup(
@@ -219,6 +223,7 @@ class PackedEncoder:
             gelu_epilogue=gelu_epilogue,
             fused_layer_norm=fused_layer_norm,
             first_token_last_layer=first_token_last_layer,
+            triton_gelu=triton_gelu,
         )
 
     @classmethod
@@ -266,6 +271,7 @@ class PackedEncoder:
         gelu_epilogue: bool = False,
         fused_layer_norm: bool = False,
         first_token_last_layer: bool = True,
+        triton_gelu: bool = False,
     ) -> None:
         """``cfg``: the model's config (attributes as HF's); ``weight(name)``: the tensor of a
         state-dict name (KeyError when missing)."""
@@ -364,7 +370,15 @@ class PackedEncoder:
         self.attention = attention
         if gelu_epilogue and (not on_cuda or not cfg.hidden_act.startswith("gelu")):
             raise ValueError("gelu_epilogue needs CUDA and a GELU model; leave it off here.")
-        if gelu_epilogue:
+        if triton_gelu:
+            if gelu_epilogue or cfg.hidden_act != "gelu" or not kernels.available(self.device):
+                raise ValueError(
+                    f"triton_gelu runs the exact GELU of hidden_act='gelu' models with Triton on "
+                    f"CUDA, without gelu_epilogue (hidden_act {cfg.hidden_act!r}, device "
+                    f"{self.device}, gelu_epilogue={gelu_epilogue}); leave it off here."
+                )
+            self._up = lambda x, w, b: kernels.gelu_(F.linear(x, w, b))
+        elif gelu_epilogue:
             self._up = _linear_tanh_gelu_epilogue
         else:
             act = _ACTIVATIONS[cfg.hidden_act]
@@ -384,6 +398,7 @@ class PackedEncoder:
         else:
             self._add_ln = _add_layer_norm
         self.fused_layer_norm = fused_layer_norm
+        self.triton_gelu = triton_gelu
         self.first_token_last_layer = bool(first_token_last_layer) and bool(self._layers)
 
     # --- host side --------------------------------------------------------------------------

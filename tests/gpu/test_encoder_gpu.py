@@ -160,6 +160,26 @@ def test_last_layer_on_first_tokens_matches_the_whole_last_layer(attention):
     assert np.abs(got - ref).max() <= 1.5 * np.abs(full - ref).max() + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_gelu_is_within_one_ulp_of_torch_and_scores_as_eager(dtype):
+    from rerank_ray import kernels
+
+    h = (torch.randn(4096, 1023, device="cuda") * 3).to(dtype)
+    got, want = kernels.gelu_(h.clone()), torch.nn.functional.gelu(h)
+    ulp = torch.nextafter(want.abs(), torch.full_like(want, float("inf"))) - want.abs()
+    body = want.abs() >= 1e-3
+    assert ((got - want).abs()[body] <= ulp[body]).all()
+    assert (got - want).abs().max().item() <= 1e-2
+
+    model = _model(dtype)
+    ids, offsets = _batch(64, seed=11)
+    default = PackedEncoder(model, fused_layer_norm=True, attention="triton")
+    with_gelu = PackedEncoder(model, fused_layer_norm=True, attention="triton", triton_gelu=True)
+    ref = _hf(model.float(), ids, offsets).numpy()
+    got_s, def_s = with_gelu.score(ids, offsets), default.score(ids, offsets)
+    assert np.abs(got_s - ref).max() <= 1.5 * np.abs(def_s - ref).max() + 1e-3
+
+
 def test_triton_attention_takes_more_sequences_than_a_grid_axis_of_65535():
     """A large token budget of short pairs can hold >65,535 sequences in one micro-batch: the
     kernel puts sequences on the grid's x axis. One-token sequences attend only to

@@ -36,6 +36,27 @@ for dtype in (torch.float32, torch.float16):
             "eager_vs_exact": (eager.double() - exact).abs().max().item(),
             "kernel_vs_eager": (got.double() - eager.double()).abs().max().item(),
         }
+# GELU: a spread of values (deep negative tail, around 0, large positive), odd length.
+for dtype in (torch.float32, torch.float16):
+    h = torch.cat([torch.linspace(-12, 12, 4001), torch.randn(3001) * 3]).to(dtype)
+    exact = F.gelu(h.double())
+    eager = F.gelu(h.float()).to(dtype)  # fp32 math, one rounding (PyTorch's fp16 GELU)
+    got = kernels.gelu_(h.clone())
+    diff = (got.double() - eager.double()).abs()
+    # one unit in the last place of eager's value, in the dtype (subnormals included)
+    ulp = torch.nextafter(eager.abs(), torch.tensor(float("inf"), dtype=dtype)) - eager.abs()
+    body = exact.abs() >= 1e-3  # the tail below: eager's 1 + erf cancels, the kernel's not
+    out[f"gelu-{dtype}"] = {
+        "kernel_vs_exact": (got.double() - exact).abs().max().item(),
+        "eager_vs_exact": (eager.double() - exact).abs().max().item(),
+        "kernel_vs_eager_in_ulps": (diff[body] / ulp.double()[body]).max().item(),
+        "kernel_vs_eager_tail": diff[~body].max().item(),
+    }
+try:
+    kernels.gelu_(torch.zeros(4, 8).t())
+    out["gelu_layout_error"] = None
+except ValueError as e:
+    out["gelu_layout_error"] = str(e)
 out["self_check"] = kernels.self_check(torch.device("cpu"), torch.float32)
 try:
     kernels.add_layer_norm_(
@@ -106,4 +127,6 @@ out["triton_attention_full_last_layer_vs_hf"] = float(
     np.abs(full.score(ids, offsets, None) - ref).max()
 )
 out["triton_attention_first_token_last_layer"] = triton_attn.first_token_last_layer
+gelu_enc = PackedEncoder(xlmr16, attention="triton", fused_layer_norm=True, triton_gelu=True)
+out["triton_gelu_xlmr_vs_hf"] = float(np.abs(gelu_enc.score(ids, offsets, None) - ref).max())
 print(json.dumps(out))

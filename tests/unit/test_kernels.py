@@ -89,6 +89,28 @@ def test_encoder_with_triton_attention_matches_hf(interpreted):
     assert interpreted["triton_attention_full_last_layer_vs_hf"] < 1e-6
 
 
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.float16"])
+def test_gelu_kernel_is_the_exact_gelu_to_the_dtypes_resolution(interpreted, dtype):
+    r = interpreted[f"gelu-{dtype}"]
+    # as close to the float64 GELU as PyTorch's own (fp32: its erf's error; fp16: rounding)
+    assert r["kernel_vs_exact"] <= 2 * r["eager_vs_exact"] + 1e-6
+    if dtype == "torch.float16":  # at most one unit in the last place from PyTorch's result
+        assert r["kernel_vs_eager_in_ulps"] <= 1.0
+    # (fp32's ulp is finer than either erf's error: there the bound above is the check)
+    assert r["kernel_vs_eager_tail"] <= 1e-6  # where eager's 1 + erf cancels
+    assert "contiguous" in interpreted["gelu_layout_error"]
+
+
+def test_encoder_with_triton_gelu_matches_hf(interpreted):
+    assert interpreted["triton_gelu_xlmr_vs_hf"] < 1e-6
+
+
+def test_triton_gelu_is_refused_where_it_cannot_run(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton_gelu runs the exact GELU"):
+        PackedEncoder(_xlmr(), triton_gelu=True)
+
+
 def test_triton_attention_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="attention='triton' needs Triton, CUDA"):
