@@ -148,11 +148,11 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     """The padding-free fast path (encoder.py) for a loaded model on a GPU.
 
     The GELU epilogue (tanh form) moves logits off HF's exact GELU, so it is opt-in. The
-    Triton kernels (kernels.py: add+LayerNorm and varlen attention) keep HF's numerics, so
-    they are on where Triton runs and the model's shapes allow, unless their self-check fails
-    on this GPU: then eager ops, with a warning saying why. (A Triton matmul with the exact
-    GELU in its epilogue was tried and dropped: slower than cuBLAS + PyTorch's GELU on an
-    H200, see kernels.py.)
+    Triton kernels (kernels.py: add+LayerNorm, varlen attention, the exact GELU) keep HF's
+    numerics, so they are on where Triton runs and the model's shapes allow, unless their
+    self-check fails on this GPU: then eager ops, with a warning saying why. (A matmul with
+    the exact GELU in its epilogue, in Triton and through cuDNN, was tried and dropped: slower
+    than cuBLAS + the GELU pass on an H200, see kernels.py.)
     """
     from rerank_ray.encoder import PackedEncoder
 
@@ -197,6 +197,11 @@ def _packed_options(cfg, device, dtype, fast_gelu: bool, fused_kernels: bool) ->
         "attention": "triton" if fused and triton_attention else "auto",
         "gelu_epilogue": gelu_epilogue,
         "fused_layer_norm": fused,
+        # the exact GELU as a Triton pass, for 16-bit weights (within one ulp of PyTorch's)
+        "triton_gelu": fused
+        and not gelu_epilogue
+        and cfg.hidden_act == "gelu"
+        and dtype in (torch.float16, torch.bfloat16),
     }
 
 

@@ -123,7 +123,7 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     )
     with caplog.at_level("WARNING", logger="rerank_ray.scorer"):
         runner = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
-    assert runner.fused_layer_norm is False
+    assert runner.fused_layer_norm is False and runner.triton_gelu is False
     assert runner.attention != "triton"
     assert "Fused kernels off" in caplog.text and "CompilationError: sm_52" in caplog.text
 
@@ -143,10 +143,11 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
 def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     tiny_model_dir, monkeypatch
 ):
-    """Where the kernels pass their check, fp16/bf16 get the Triton attention and the fused
-    add+LayerNorm; float32 keeps the other attention (Triton would run its dots in TF32)."""
+    """Where the kernels pass their check, fp16/bf16 get the Triton attention, the fused
+    add+LayerNorm and the Triton GELU; float32 keeps the other attention (Triton would run its
+    dots in TF32) and PyTorch's GELU."""
     from rerank_ray import kernels
-    from rerank_ray.scorer import packed_runner
+    from rerank_ray.scorer import _packed_options, packed_runner
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
     cpu = torch.device("cpu")
@@ -160,10 +161,15 @@ def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     half = packed_runner(model, cpu, torch.float16, fast_gelu=False, fused_kernels=True)
     assert half.fused_layer_norm is True
     assert (half.attention == "triton") is supported
+    assert half.triton_gelu is (model.config.hidden_act == "gelu")
     full = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
     assert full.fused_layer_norm is True and full.attention != "triton"
-    # float32 checks only add+LayerNorm: no attention kernel to check, none to fail on.
+    assert full.triton_gelu is False
+    # float32 checks only add+LayerNorm and GELU: no attention kernel to check, none to fail.
     assert checked == [head_dim if supported else None, None]
+    # --fast-gelu puts the (tanh) GELU in the matmul epilogue: no separate GELU pass then.
+    opts = _packed_options(model.config, cpu, torch.float16, fast_gelu=True, fused_kernels=True)
+    assert opts["gelu_epilogue"] is True and opts["triton_gelu"] is False
 
 
 def test_runner_from_the_checkpoint_equals_the_one_from_the_hf_model(tiny_model_dir, model_copy):
@@ -179,9 +185,10 @@ def test_runner_from_the_checkpoint_equals_the_one_from_the_hf_model(tiny_model_
     direct = packed_runner_from_checkpoint(tiny_model_dir, cpu, torch.float32, False, True)
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
     via_hf = packed_runner(model, cpu, torch.float32, False, True)
-    assert (direct.attention, direct.fused_layer_norm) == (
+    assert (direct.attention, direct.fused_layer_norm, direct.triton_gelu) == (
         via_hf.attention,
         via_hf.fused_layer_norm,
+        via_hf.triton_gelu,
     )
     ids = np.array([0, 5, 6, 2, 2, 7, 8, 9, 2, 0, 11, 2], dtype=np.int32)
     offsets = np.array([0, 9, 12], dtype=np.int64)
