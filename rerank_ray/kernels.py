@@ -148,6 +148,7 @@ def _attention_kernel():
     def varlen_attention_kernel(
         QKV, OUT, CU, WORK, qk_scale, stride_qkv, stride_o,
         HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        NATURAL_K: tl.constexpr = False,
     ):  # fmt: skip
         # One program per (row block of a sequence, head): the work list holds each
         # sequence's blocks, so no program starts past the end of a short sequence. Work
@@ -172,12 +173,20 @@ def _attention_kernel():
         for n0 in range(0, length, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = offs_n < length
-            kt = tl.load(  # K^T tile [D, BLOCK_N]: k sits HEADS*D after q in each QKV row
-                base + HEADS * D + offs_n[None, :] * stride_qkv + offs_d[:, None],
-                mask=valid[None, :],
-                other=0.0,
-            )
-            s = tl.dot(q, kt) * qk_scale  # log2 units: softmax through exp2
+            if NATURAL_K:  # K tile [BLOCK_N, D] as stored, transposed for the dot
+                k = tl.load(
+                    base + HEADS * D + offs_n[:, None] * stride_qkv + offs_d[None, :],
+                    mask=valid[:, None],
+                    other=0.0,
+                )
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+            else:
+                kt = tl.load(  # K^T tile [D, BLOCK_N]: k sits HEADS*D after q in each QKV row
+                    base + HEADS * D + offs_n[None, :] * stride_qkv + offs_d[:, None],
+                    mask=valid[None, :],
+                    other=0.0,
+                )
+                s = tl.dot(q, kt) * qk_scale  # log2 units: softmax through exp2
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -211,18 +220,24 @@ def attention_block_rows() -> int:
     return 16 if _interpreting() else 64
 
 
-def attention_work(lengths: np.ndarray) -> np.ndarray:
+def attention_work(lengths: np.ndarray, block_rows: int | None = None) -> np.ndarray:
     """The attention kernel's work list for sequences of ``lengths``: (sequence, row block)
-    pairs, int32, flattened. Built on the host with the rest of a micro-batch's inputs."""
+    pairs, int32, flattened. Built on the host with the rest of a micro-batch's inputs.
+    ``block_rows``: the tile's rows (default ``attention_block_rows()``)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    blocks = -(-lengths // attention_block_rows())
+    blocks = -(-lengths // (block_rows or attention_block_rows()))
     seq = np.repeat(np.arange(len(lengths), dtype=np.int64), blocks)
     first = np.repeat(np.cumsum(blocks) - blocks, blocks)
     return np.stack([seq, np.arange(len(seq)) - first], axis=1).astype(np.int32).reshape(-1)
 
 
 def varlen_attention(
-    qkv: torch.Tensor, cu_seqlens: torch.Tensor, heads: int, work: torch.Tensor | None = None
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    heads: int,
+    work: torch.Tensor | None = None,
+    *,
+    tile: tuple[int, int, int, int, bool] | None = None,
 ) -> torch.Tensor:
     """Softmax attention within each packed sequence, no mask beyond the sequence bounds.
 
@@ -230,7 +245,8 @@ def varlen_attention(
     blocks of ``heads * head_dim`` each); ``cu_seqlens`` int32 [B + 1], starting at 0;
     ``work``: ``attention_work`` of the lengths as an int32
     tensor on the device (built here from ``cu_seqlens`` when None, at the cost of a copy to
-    the host). Returns [tokens, heads * head_dim]."""
+    the host). ``tile``: (rows, cols, stages, warps, natural_k) in place of the fixed tile, for probes
+    (``work`` must then be built for those rows). Returns [tokens, heads * head_dim]."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] % (3 * heads):
         raise ValueError(
             f"varlen_attention needs qkv [tokens, 3 * heads * head_dim] row-major with "
@@ -245,19 +261,22 @@ def varlen_attention(
     n_seq = cu_seqlens.shape[0] - 1
     if tokens == 0 or n_seq == 0:
         return out
+    block_m = attention_block_rows()
+    block_n, stages, warps = (16, 1, 1) if _interpreting() else (64, 3, 4)
+    natural_k = False
+    if tile is not None:
+        block_m, block_n, stages, warps, natural_k = tile
     if work is None:
         lengths = np.diff(cu_seqlens.cpu().numpy())
-        work = torch.from_numpy(attention_work(lengths)).to(qkv.device)
+        work = torch.from_numpy(attention_work(lengths, block_m)).to(qkv.device)
     kernel = _attention_kernel()
     scale = 1.4426950408889634 / math.sqrt(head_dim)  # log2(e) / sqrt(d)
     # One fixed tile: 64 x 64, 3 stages, 4 warps was the fastest of six on an H200 (0.25 ms
     # per layer at 64k tokens; bench/results/2026-11-22-h200-triton-kernels.json); a fixed
     # config is one compile at actor start, not one per candidate.
-    block_m = attention_block_rows()
-    block_n, stages, warps = (16, 1, 1) if _interpreting() else (64, 3, 4)
     kernel[(work.shape[0] // 2, heads)](
         qkv, out, cu_seqlens, work, scale, qkv.stride(0), out.stride(0),
-        HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, NATURAL_K=natural_k,
         num_stages=stages, num_warps=warps,
     )  # fmt: skip
     return out
