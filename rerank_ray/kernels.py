@@ -8,15 +8,22 @@
   v straight from the fused QKV projection's output, tiled for short sequences (a reranking
   pair is ~100-500 tokens). Softmax in float32 with the running max, P rounded to the input
   dtype for the PV product: FlashAttention's numerics.
+- ``gelu_``: the exact (erf) GELU in place, its erf exact to 1.5e-7 (within one fp16/bf16 ulp
+  of PyTorch's result) at a dozen instructions instead of libdevice's ~40, so the pass is
+  memory-bound: 7.5 vs 9.75 ms per 64k-token forward on an H200.
 
 Tried on an H200 and dropped, slower than what they would replace (bench/README.md):
-- an in-place exact-GELU elementwise kernel: 10.4 vs 9.4 ms per 64k-token forward
-  (bench/results/2026-11-22-h200-fused-kernels.json);
-- the feed-forward up-projection with bias + exact GELU in a Triton matmul's epilogue (cuBLASLt's
-  GELU epilogue is the tanh form only): 1.30 ms pointer-tiled, 1.17-1.24 ms persistent with TMA,
-  vs 1.08 ms for cuBLAS + PyTorch's GELU at 65k x 1024 x 4096
-  (bench/results/2026-11-22-h200-tma-gemm-probe.json). With K = 1024 a tile does 16 k-steps, so
-  the erf epilogue, not overlapped without warp specialization, costs more than the pass it saves.
+- an in-place exact-GELU elementwise kernel with libdevice's erf: 10.4 vs 9.4 ms per 64k-token
+  forward (bench/results/2026-11-22-h200-fused-kernels.json);
+- the feed-forward up-projection with bias + exact GELU in a matmul's epilogue (cuBLASLt's
+  GELU epilogue is the tanh form only), at 65k x 1024 x 4096: a Triton matmul 1.30 ms
+  pointer-tiled, 1.17-1.24 ms persistent with TMA, vs 1.08 ms for cuBLAS + PyTorch's GELU
+  (bench/results/2026-11-22-h200-tma-gemm-probe.json); with Triton 3.6's Hopper warp
+  specialization and the cheaper erf, 1.14-1.18 ms vs 1.19 ms with the L2 flushed
+  (2026-11-22-h200-gelu-matmul-ws-probe.json; the kernel is in commit f5fd9ae); cuDNN 9.19's
+  fused matmul + bias + GELU_FWD graph, best of 11 plans 1.26 ms vs 1.21 ms
+  (2026-11-22-h200-gelu-probe.json). With K = 1024 a tile does 16 k-steps, and the erf
+  epilogue costs about what the pass it saves costs.
 
 Triton is the compiler PyTorch's CUDA builds ship with; where it is missing (CPU-only
 installs) ``available()`` is False and the encoder keeps the eager ops. Under
@@ -148,7 +155,6 @@ def _attention_kernel():
     def varlen_attention_kernel(
         QKV, OUT, CU, WORK, qk_scale, stride_qkv, stride_o,
         HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NATURAL_K: tl.constexpr = False,
     ):  # fmt: skip
         # One program per (row block of a sequence, head): the work list holds each
         # sequence's blocks, so no program starts past the end of a short sequence. Work
@@ -173,20 +179,12 @@ def _attention_kernel():
         for n0 in range(0, length, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = offs_n < length
-            if NATURAL_K:  # K tile [BLOCK_N, D] as stored, transposed for the dot
-                k = tl.load(
-                    base + HEADS * D + offs_n[:, None] * stride_qkv + offs_d[None, :],
-                    mask=valid[:, None],
-                    other=0.0,
-                )
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            else:
-                kt = tl.load(  # K^T tile [D, BLOCK_N]: k sits HEADS*D after q in each QKV row
-                    base + HEADS * D + offs_n[None, :] * stride_qkv + offs_d[:, None],
-                    mask=valid[None, :],
-                    other=0.0,
-                )
-                s = tl.dot(q, kt) * qk_scale  # log2 units: softmax through exp2
+            kt = tl.load(  # K^T tile [D, BLOCK_N]: k sits HEADS*D after q in each QKV row
+                base + HEADS * D + offs_n[None, :] * stride_qkv + offs_d[:, None],
+                mask=valid[None, :],
+                other=0.0,
+            )
+            s = tl.dot(q, kt) * qk_scale  # log2 units: softmax through exp2
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -237,7 +235,7 @@ def varlen_attention(
     heads: int,
     work: torch.Tensor | None = None,
     *,
-    tile: tuple[int, int, int, int, bool] | None = None,
+    tile: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Softmax attention within each packed sequence, no mask beyond the sequence bounds.
 
@@ -245,7 +243,7 @@ def varlen_attention(
     blocks of ``heads * head_dim`` each); ``cu_seqlens`` int32 [B + 1], starting at 0;
     ``work``: ``attention_work`` of the lengths as an int32
     tensor on the device (built here from ``cu_seqlens`` when None, at the cost of a copy to
-    the host). ``tile``: (rows, cols, stages, warps, natural_k) in place of the fixed tile, for probes
+    the host). ``tile``: (rows, cols, stages, warps) in place of the fixed tile, for probes
     (``work`` must then be built for those rows). Returns [tokens, heads * head_dim]."""
     if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] % (3 * heads):
         raise ValueError(
@@ -263,75 +261,20 @@ def varlen_attention(
         return out
     block_m = attention_block_rows()
     block_n, stages, warps = (16, 1, 1) if _interpreting() else (64, 3, 4)
-    natural_k = False
     if tile is not None:
-        block_m, block_n, stages, warps, natural_k = tile
+        block_m, block_n, stages, warps = tile
     if work is None:
         lengths = np.diff(cu_seqlens.cpu().numpy())
         work = torch.from_numpy(attention_work(lengths, block_m)).to(qkv.device)
     kernel = _attention_kernel()
     scale = 1.4426950408889634 / math.sqrt(head_dim)  # log2(e) / sqrt(d)
     # One fixed tile: 64 x 64, 3 stages, 4 warps was the fastest of six on an H200 (0.25 ms
-    # per layer at 64k tokens; bench/results/2026-11-22-h200-triton-kernels.json); a fixed
+    # per layer at 64k tokens; bench/results/2026-11-22-h200-triton-kernels.json) and within
+    # 5% of the best of 48 on the scorer's micro-batches (-attention-tiles.json); a fixed
     # config is one compile at actor start, not one per candidate.
     kernel[(work.shape[0] // 2, heads)](
         qkv, out, cu_seqlens, work, scale, qkv.stride(0), out.stride(0),
-        HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, NATURAL_K=natural_k,
-        num_stages=stages, num_warps=warps,
-    )  # fmt: skip
-    return out
-
-
-def linear_gelu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Where ``linear_gelu`` runs: CUDA with TMA (compute capability 9+), fp16/bf16, row-major
-    operands whose rows are 16-byte aligned (TMA's rule)."""
-    if x.device.type == "cuda":
-        half = x.dtype in (torch.float16, torch.bfloat16)
-        if not half or torch.cuda.get_device_capability(x.device)[0] < 9:
-            return False
-    elif not (x.device.type == "cpu" and _interpreting()):
-        return False
-    return x.dim() == 2 and x.stride(1) == 1 and weight.is_contiguous() and x.shape[1] % 8 == 0
-
-
-def linear_gelu(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    *,
-    BM: int = 128,
-    BN: int = 256,
-    BK: int = 64,
-    stages: int = 3,
-    warps: int = 8,
-    subtile: bool = True,
-    ws: bool = True,
-    fast_erf: bool = False,
-) -> torch.Tensor:
-    """``gelu(x @ weight.T + bias)`` with the exact (erf) GELU in the matmul's epilogue, rounded
-    as eager fp16/bf16 rounds it (after the addmm, then after the GELU)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    if not linear_gelu_supported(x, weight):
-        raise ValueError(
-            f"linear_gelu needs row-major fp16/bf16 CUDA tensors on compute capability 9+, got "
-            f"{x.dtype} {tuple(x.shape)}/{x.stride()} on {x.device}."
-        )
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return out
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    a_desc = TensorDescriptor.from_tensor(x, [BM, BK])
-    w_desc = TensorDescriptor.from_tensor(weight, [BN, BK])
-    c_desc = TensorDescriptor.from_tensor(out, [BM, BN // 2 if subtile else BN])
-    tiles = -(-m // BM) * -(-n // BN)
-    from rerank_ray._gelu_matmul import linear_gelu_kernel
-
-    linear_gelu_kernel[(min(sms, tiles),)](
-        a_desc, w_desc, c_desc, bias, m, n, k,
-        BM=BM, BN=BN, BK=BK, GROUP_M=8, NUM_SMS=sms, SUBTILE=subtile, WS=ws, FAST=fast_erf,
+        HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_stages=stages, num_warps=warps,
     )  # fmt: skip
     return out
