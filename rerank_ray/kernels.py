@@ -22,8 +22,10 @@ Tried on an H200 and dropped, slower than what they would replace (bench/README.
   specialization and the cheaper erf, 1.14-1.18 ms vs 1.19 ms with the L2 flushed
   (2026-11-22-h200-gelu-matmul-ws-probe.json; the kernel is in commit f5fd9ae); cuDNN 9.19's
   fused matmul + bias + GELU_FWD graph, best of 11 plans 1.26 ms vs 1.21 ms
-  (2026-11-22-h200-gelu-probe.json). With K = 1024 a tile does 16 k-steps, and the erf
-  epilogue costs about what the pass it saves costs.
+  (2026-11-22-h200-gelu-probe.json); CUTLASS 3 warp-specialized GEMMs with the GELU in the
+  epilogue, best 1.16 ms vs 1.14 ms for cuBLAS + ``gelu_`` (-cutlass-gelu-gemm-probe.json).
+  With K = 1024 a tile does 16 k-steps, and the erf epilogue costs about what the pass it
+  saves costs.
 
 Triton is the compiler PyTorch's CUDA builds ship with; where it is missing (CPU-only
 installs) ``available()`` is False and the encoder keeps the eager ops. Under
