@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workload import make_workload  # noqa: E402
 from rerank_ray import kernels  # noqa: E402
+from rerank_ray.autotune import cut_by_budget  # noqa: E402
 
 
 def main() -> None:
@@ -44,15 +45,7 @@ def main() -> None:
     batches = []
     for start in range(0, len(lengths), 2048):  # the scorer's blocks, sorted, budget cuts
         block = np.sort(lengths[start : start + 2048])
-        cut = [0]
-        total = 0
-        for i, n in enumerate(block):
-            if total + n > args.budget:
-                cut.append(i)
-                total = 0
-            total += n
-        cut.append(len(block))
-        batches += [block[a:b] for a, b in zip(cut[:-1], cut[1:], strict=True) if b > a]
+        batches += [block[a:b] for a, b in cut_by_budget(block, args.budget, padded=False)]
     gen = torch.Generator(device="cpu").manual_seed(0)
     data = []
     for lens in batches:

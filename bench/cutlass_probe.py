@@ -86,8 +86,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     build_dir = Path("/tmp/cutlass_probe_build")
     build_dir.mkdir(exist_ok=True)
-    from triton.testing import do_bench
-
+    from bench.gelu_probe import recorder, up_projection
     from rerank_ray import kernels
 
     report = {
@@ -105,25 +104,10 @@ def main() -> None:
         "max_abs_vs_fp32": {},
         "errors": {},
     }
-    torch.manual_seed(0)
+    x, w, b, ref, ref32 = up_projection(args.tokens)
     m, k, n = args.tokens, 1024, 4096
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    w = (torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5).contiguous()
-    b = torch.randn(n, device="cuda", dtype=torch.float16) * 0.1
-    ref = F.gelu(F.linear(x, w, b))
-    ref32 = F.gelu(F.linear(x.float(), w.float(), b.float()))
     lin = F.linear(x, w, b)
-
-    def record(name, fn, want=ref, want32=ref32):
-        try:
-            y = fn()
-            torch.cuda.synchronize()
-            report["max_abs_vs_eager"][name] = float((y.float() - want.float()).abs().max())
-            report["max_abs_vs_fp32"][name] = float((y.float() - want32).abs().max())
-            report["ms"][name] = round(do_bench(fn, warmup=50, rep=300), 4)
-        except Exception as e:  # noqa: BLE001 (a failing variant is a result too)
-            report["errors"][name] = f"{type(e).__name__}: {str(e)[:400]}"
-        print(name, report["ms"].get(name), report["errors"].get(name), flush=True)
+    record = recorder(report, ref, ref32)
 
     record("cublas_bias_only", lambda: F.linear(x, w, b), want=lin, want32=lin.float())
     record("cublas_then_torch_gelu_", lambda: torch.ops.aten.gelu_(F.linear(x, w, b)))

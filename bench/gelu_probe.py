@@ -120,6 +120,40 @@ def _cudnn_linear_gelu(x, w, b, report):
     return run, g, variant, ws, handle
 
 
+def up_projection(tokens: int):
+    """The case both GELU probes time: x [tokens, 1024] @ w [4096, 1024]^T + b in fp16 (seeded),
+    with the eager fp16 ``gelu(x @ w^T + b)`` and its fp32 counterpart as references."""
+    torch.manual_seed(0)
+    m, k, n = tokens, 1024, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    w = (torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5).contiguous()
+    b = torch.randn(n, device="cuda", dtype=torch.float16) * 0.1
+    ref = F.gelu(F.linear(x, w, b))
+    ref32 = F.gelu(F.linear(x.float(), w.float(), b.float()))
+    return x, w, b, ref, ref32
+
+
+def recorder(report: dict, ref: torch.Tensor, ref32: torch.Tensor):
+    """``record(name, fn, y=None, want=ref, want32=ref32)``: checks ``fn``'s output (or ``y``,
+    for an in-place ``fn``) against the references, times ``fn`` with ``do_bench`` (L2
+    flushed), into ``report``'s ``ms``/``max_abs_vs_eager``/``max_abs_vs_fp32``/``errors``."""
+    from triton.testing import do_bench
+
+    def record(name, fn, y=None, want=ref, want32=ref32):
+        try:
+            y = fn() if y is None else y
+            torch.cuda.synchronize()
+            report["max_abs_vs_eager"][name] = float((y.float() - want.float()).abs().max())
+            report["max_abs_vs_fp32"][name] = float((y.float() - want32).abs().max())
+            report["ms"][name] = round(do_bench(fn, warmup=50, rep=300), 4)
+        except Exception as e:  # noqa: BLE001 (a failing variant is a result too)
+            report["errors"][name] = f"{type(e).__name__}: {str(e)[:400]}"
+            traceback.print_exc(limit=3)
+        print(name, report["ms"].get(name), report["errors"].get(name), flush=True)
+
+    return record
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -129,7 +163,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     import triton
-    from triton.testing import do_bench
 
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -144,29 +177,9 @@ def main() -> None:
         "max_abs_vs_fp32": {},
         "errors": {},
     }
-    torch.manual_seed(0)
-    m, k, n = args.tokens, 1024, 4096
-    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-    w = (torch.randn(n, k, device="cuda", dtype=torch.float16) * k**-0.5).contiguous()
-    b = torch.randn(n, device="cuda", dtype=torch.float16) * 0.1
+    x, w, b, ref, ref32 = up_projection(args.tokens)
     pre = F.linear(x, w, b)
-    ref = F.gelu(pre)
-    ref32 = F.gelu(F.linear(x.float(), w.float(), b.float()))
-
-    def bench(fn):
-        return round(do_bench(fn, warmup=50, rep=300), 4)
-
-    def record(name, fn, y=None):
-        try:
-            y = fn() if y is None else y
-            torch.cuda.synchronize()
-            report["max_abs_vs_eager"][name] = float((y.float() - ref.float()).abs().max())
-            report["max_abs_vs_fp32"][name] = float((y.float() - ref32).abs().max())
-            report["ms"][name] = bench(fn)
-        except Exception as e:  # noqa: BLE001 (a failing variant is a result too)
-            report["errors"][name] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc(limit=3)
-        print(name, report["ms"].get(name), report["errors"].get(name), flush=True)
+    record = recorder(report, ref, ref32)
 
     record("cublas_bias_only", lambda: F.linear(x, w, b), y=ref)
     record("cublas_bias_then_torch_gelu_", lambda: torch.ops.aten.gelu_(F.linear(x, w, b)))

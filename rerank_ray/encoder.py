@@ -183,16 +183,12 @@ class PackedEncoder:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        attention: str = "auto",
-        compile: bool = False,  # noqa: A002
-        gelu_epilogue: bool = False,
-        fused_layer_norm: bool = False,
-        first_token_last_layer: bool = True,
-        triton_gelu: bool = False,
+        **options,
     ) -> None:
         """Copy the weights of a loaded HF sequence-classification ``model``.
 
-        ``device``/``dtype`` default to the model's. ``attention``: ``varlen`` (CUDA flash
+        ``device``/``dtype`` default to the model's. ``options`` (keyword-only, defaults in
+        ``_setup``, shared with ``from_checkpoint``): ``attention``: ``varlen`` (CUDA flash
         attention over cu_seqlens), ``triton`` (``kernels.varlen_attention``: flash attention
         reading the fused QKV output in place, tiled for short sequences), ``sdpa`` (padded per
         micro-batch, exact, any device) or ``auto`` (varlen where available with fp16/bf16,
@@ -218,12 +214,7 @@ class PackedEncoder:
             model.state_dict().__getitem__,
             device=torch.device(device) if device is not None else first_param.device,
             dtype=dtype if dtype is not None else first_param.dtype,
-            attention=attention,
-            compile=compile,
-            gelu_epilogue=gelu_epilogue,
-            fused_layer_norm=fused_layer_norm,
-            first_token_last_layer=first_token_last_layer,
-            triton_gelu=triton_gelu,
+            **options,
         )
 
     @classmethod
@@ -433,10 +424,8 @@ class PackedEncoder:
             raise ValueError(f"type_ids_flat has {len(type_ids_flat)} entries, ids {n_tok}.")
         if self.attention == "triton":
             work = kernels.attention_work(lengths)
-            if self.first_token_last_layer:  # then the first row block of each sequence
-                first = np.zeros((n_seq, 2), dtype=np.int32)
-                first[:, 0] = np.arange(n_seq)
-                work = np.concatenate([work, first.reshape(-1)])
+            if self.first_token_last_layer:  # then each sequence's first row block only
+                work = np.concatenate([work, kernels.attention_work(np.minimum(lengths, 1))])
             n_extra = len(work)
         else:
             n_extra = 2 * n_tok if self.attention == "sdpa" else 0
@@ -478,12 +467,10 @@ class PackedEncoder:
         n_tok = qkv.shape[0]
         n_seq = cu.shape[0] - 1
         firsts = cu[:-1]
-        if self.attention == "triton":
-            n_work = len(extra) - 2 * n_seq if self.first_token_last_layer else len(extra)
-            if not first_only:
-                return kernels.varlen_attention(qkv, cu, self._heads, work=extra[:n_work])
-            out = kernels.varlen_attention(qkv, cu, self._heads, work=extra[n_work:])
-            return out.index_select(0, firsts)  # only the first row blocks were written
+        if self.attention == "triton":  # extra: the work list for these queries
+            out = kernels.varlen_attention(qkv, cu, self._heads, work=extra)
+            # with first_only, only the first row blocks were written
+            return out.index_select(0, firsts) if first_only else out
         qkv = qkv.view(n_tok, 3, self._heads, self._hidden // self._heads)
         if self.attention == "varlen":
             q, k, v = qkv.unbind(1)
@@ -518,15 +505,17 @@ class PackedEncoder:
             at += n_tok
         else:  # HF's default token_type_ids are all zero
             x = x + self._type[0]
-        extra = dev[at : at + n_extra]
-        x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
+        extra = last_extra = dev[at : at + n_extra]
         prune = self.first_token_last_layer
+        if prune and self.attention == "triton":  # the work list, then the first-block one
+            extra, last_extra = extra[: -2 * n_seq], extra[-2 * n_seq :]
+        x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
         for i, w in enumerate(self._layers):
             qkv = F.linear(x, w.qkv_w, w.qkv_b)
             if prune and i == len(self._layers) - 1:
                 # Only the first tokens go on (all the head reads): their queries against
                 # every token's keys and values, then the rest of the layer on B rows.
-                attn = self._attention(qkv, cu, max_len, extra, first_only=True)
+                attn = self._attention(qkv, cu, max_len, last_extra, first_only=True)
                 x = x.index_select(0, cu[:-1])
             else:
                 attn = self._attention(qkv, cu, max_len, extra)

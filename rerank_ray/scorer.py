@@ -43,8 +43,8 @@ class ScoreStage:
         """``concurrent_calls``: how many ``__call__`` may run at once in threads (the job's
         ``scorer_calls``); the autotuned budget leaves memory for that many forward passes.
         ``fused_kernels``: on a GPU with Triton, each residual add + LayerNorm and (fp16/bf16)
-        the attention run as Triton kernels (same numerics as the eager ops; checked at start,
-        eager ops if the check fails). On a GPU a plain checkpoint is read without
+        the attention and the exact GELU run as Triton kernels (same numerics as the eager ops;
+        checked at start, eager ops if the check fails). On a GPU a plain checkpoint is read without
         transformers (``load_path`` says which way the model came)."""
         import time
 
@@ -151,8 +151,8 @@ def packed_runner(model, device, dtype, fast_gelu: bool, fused_kernels: bool):
     Triton kernels (kernels.py: add+LayerNorm, varlen attention, the exact GELU) keep HF's
     numerics, so they are on where Triton runs and the model's shapes allow, unless their
     self-check fails on this GPU: then eager ops, with a warning saying why. (A matmul with
-    the exact GELU in its epilogue, in Triton and through cuDNN, was tried and dropped: slower
-    than cuBLAS + the GELU pass on an H200, see kernels.py.)
+    the exact GELU in its epilogue, in Triton, cuDNN and CUTLASS, was tried and dropped:
+    slower than cuBLAS + the GELU pass on an H200, see kernels.py.)
     """
     from rerank_ray.encoder import PackedEncoder
 
@@ -184,10 +184,9 @@ def _packed_options(cfg, device, dtype, fast_gelu: bool, fused_kernels: bool) ->
 
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     gelu_epilogue = fast_gelu and cfg.hidden_act.startswith("gelu")
+    half = dtype in (torch.float16, torch.bfloat16)
     # The attention kernel's matmuls take 16-bit inputs (float32 would run them in TF32).
-    triton_attention = dtype in (torch.float16, torch.bfloat16) and kernels.attention_supported(
-        head_dim
-    )
+    triton_attention = half and kernels.attention_supported(head_dim)
     fused = fused_kernels and kernels.available(device)
     checked_head = head_dim if triton_attention else None
     if fused and (problem := kernels.self_check(device, dtype, checked_head)):
@@ -198,10 +197,7 @@ def _packed_options(cfg, device, dtype, fast_gelu: bool, fused_kernels: bool) ->
         "gelu_epilogue": gelu_epilogue,
         "fused_layer_norm": fused,
         # the exact GELU as a Triton pass, for 16-bit weights (within one ulp of PyTorch's)
-        "triton_gelu": fused
-        and not gelu_epilogue
-        and cfg.hidden_act == "gelu"
-        and dtype in (torch.float16, torch.bfloat16),
+        "triton_gelu": fused and half and not gelu_epilogue and cfg.hidden_act == "gelu",
     }
 
 
