@@ -132,3 +132,23 @@ def test_attention_work_list_covers_every_row_of_every_sequence_once():
         covered[seq][block * rows : (block + 1) * rows] += 1
     assert all((c == 1).all() for c in covered)
     assert kernels.attention_work(np.array([], dtype=np.int64)).shape == (0,)
+
+
+def test_attention_work_list_for_another_tile_and_the_first_blocks():
+    """The probes' tile rows (``block_rows``): the same cover for 128-row blocks; and lengths
+    clipped to 1 give each sequence's first block once (the encoder's last-layer list)."""
+    import numpy as np
+
+    lengths = np.array([1, 127, 128, 129, 300])
+    work = kernels.attention_work(lengths, 128).reshape(-1, 2)
+    covered = [np.zeros(n, dtype=int) for n in lengths]
+    for seq, block in work:
+        assert 0 <= block * 128 < lengths[seq]
+        covered[seq][block * 128 : (block + 1) * 128] += 1
+    assert all((c == 1).all() for c in covered)
+    firsts = kernels.attention_work(np.minimum(lengths, 1)).reshape(-1, 2)
+    assert firsts.tolist() == [[i, 0] for i in range(len(lengths))]
+
+
+def test_attention_kernel_with_another_tile_gives_the_same_output(interpreted):
+    assert interpreted["attention_tile_32x16_vs_default"] < 1e-6
