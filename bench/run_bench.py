@@ -7,7 +7,7 @@ One command on the GPU machine (see bench/README.md):
 builds the full-size bge-reranker-v2-m3 architecture with random weights, generates the
 workload of ``bench/workload.py`` and measures, in one process and on one GPU: a dense matmul
 peak, FlagReranker(use_fp16) and CrossEncoder (fp16) on a subset, HF's padded forward on
-length-sorted token-budget batches, and the padding-free encoder (eager/compiled, fp16/bf16,
+length-sorted token-budget batches, and the padding-free encoder (eager, fp16/bf16,
 several budgets plus the autotuned one), each driven the way the scorer drives it (blocks of
 rows, length sort, budget cut, one micro-batch in flight ahead, results back in input order).
 ``--sections scaling`` runs the padding-free scorer in 1 and in N Ray actors (one GPU each).
@@ -33,14 +33,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.workload import PAD, encoder_flops, make_workload, save_synthetic_tokenizer  # noqa: E402
-from rerank_ray.autotune import (  # noqa: E402
+from rerank_ray.autotune import autotune_token_budget  # noqa: E402
+from rerank_ray.backoff import TokenBudget, score_microbatches  # noqa: E402
+from rerank_ray.packing import (  # noqa: E402
     MicroBatch,
-    TokenBudget,
-    autotune_token_budget,
-    cut_by_budget,
-    score_microbatches,
+    inverse_order,
+    length_order,
+    token_budget_spans,
 )
-from rerank_ray.encoder import PackedEncoder  # noqa: E402
+from rerank_ray.runners import RunnerOptions  # noqa: E402
+from rerank_ray.runners.packed import PackedEncoder, kernel_options  # noqa: E402
 
 BGE_M3_CONFIG = dict(
     vocab_size=250002,
@@ -102,20 +104,21 @@ def gather_rows(ids_flat: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
 
 
 def score_rows(runner, ids_flat, offsets, budget: TokenBudget, *, padded=False, block_rows=4096):
-    """Score every row as the scorer stage does: per block, sort by length, cut by budget,
-    score the micro-batches (one in flight ahead), restore input order."""
+    """Score every row as the scorer stage does: per block, sort by length (longest first),
+    cut with the scorer's packer, score the micro-batches (one in flight ahead), restore
+    input order."""
     out = np.empty(len(offsets) - 1, dtype=np.float32)
     for b0 in range(0, len(out), block_rows):
         b1 = min(b0 + block_rows, len(out))
         lengths = offsets[b0 + 1 : b1 + 1] - offsets[b0:b1]
-        order = np.argsort(lengths, kind="stable")
+        order = length_order(lengths)
         ids, off = gather_rows(ids_flat, offsets, order + b0)
         mbs = []
-        for s, e in cut_by_budget(lengths[order], budget.value, padded):
+        for s, e in token_budget_spans(lengths[order], budget.value, padded):
             lo, hi = off[s], off[e]
             mbs.append(MicroBatch(ids[lo:hi], off[s : e + 1] - lo, None))
         scores = np.concatenate(score_microbatches(runner, mbs, budget, padded=padded))
-        out[b0 + order] = scores
+        out[b0:b1] = scores[inverse_order(order)]
     return out
 
 
@@ -273,7 +276,10 @@ class Bench:
             TokenBudget(budget, 512),
         )
         pk16d = score_rows(  # the scorer's default
-            PackedEncoder(self.model16, **DEFAULT_KERNELS), ids, off, TokenBudget(budget, 512)
+            PackedEncoder(self.model16, **default_kernels(self.model16)),
+            ids,
+            off,
+            TokenBudget(budget, 512),
         )
         queries = self.work.query_of_pair[:n]
 
@@ -355,23 +361,12 @@ class Bench:
         if tuned and tuned not in self.args.budgets:
             self.run_packed(f"padding-free fp16 eager, autotuned {tuned}", enc, tuned, n)
         del enc
-        if self.args.compile:
-            t0 = time.perf_counter()
-            enc = PackedEncoder(self.model16, compile=True)
-            self.run_packed(
-                f"padding-free fp16 compiled add+LN, budget {best}",
-                enc,
-                best,
-                n,
-                build_and_warm_s=round(time.perf_counter() - t0, 1),
-            )
-            del enc
         fused = {"fused_layer_norm": True}
         enc = PackedEncoder(self.model16, **fused)
         self.run_packed(f"padding-free fp16 fused add+LN (Triton), budget {best}", enc, best, n)
         # The default's parts one by one: Triton add+LN and attention, the last layer on
         # first tokens, the Triton exact GELU.
-        no_gelu = {**DEFAULT_KERNELS, "triton_gelu": False}
+        no_gelu = {**default_kernels(self.model16), "triton_gelu": False}
         enc = PackedEncoder(self.model16, first_token_last_layer=False, **no_gelu)
         self.run_packed(
             f"padding-free fp16 add+LN + attention (Triton), whole last layer, budget {best}",
@@ -387,7 +382,7 @@ class Bench:
             best,
             n,
         )
-        enc = PackedEncoder(self.model16, **DEFAULT_KERNELS)
+        enc = PackedEncoder(self.model16, **default_kernels(self.model16))
         self.run_packed(
             f"padding-free fp16 default (+ Triton exact GELU), budget {best}", enc, best, n
         )
@@ -398,12 +393,7 @@ class Bench:
             best,
             n,
         )
-        if self.args.compile:
-            enc = PackedEncoder(self.model16, gelu_epilogue=True, compile=True)
-            self.run_packed(
-                f"padding-free fp16 GELU epilogue + compiled add+LN, budget {best}", enc, best, n
-            )
-        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, **DEFAULT_KERNELS)
+        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, **default_kernels(self.model16))
         self.run_packed(f"padding-free bf16 all Triton kernels, budget {best}", enc, best, n)
 
     def profile(self):
@@ -446,8 +436,8 @@ class Bench:
             "eager": {},
             "fused_ln": {"fused_layer_norm": True},
             "fused_ln_gelu_epilogue": {"fused_layer_norm": True, "gelu_epilogue": True},
-            "add_ln_attention": {**DEFAULT_KERNELS, "triton_gelu": False},
-            "default": DEFAULT_KERNELS,
+            "add_ln_attention": {**default_kernels(self.model16), "triton_gelu": False},
+            "default": default_kernels(self.model16),
         }
         for label, kw in variants.items():
             enc = PackedEncoder(self.model16, **kw)
@@ -544,7 +534,7 @@ class Bench:
         exact-GELU matmul that was tried and dropped: results/2026-11-22-h200-tma-gemm-probe.)"""
         from torch.nn.attention.varlen import varlen_attn
 
-        from rerank_ray import kernels
+        from rerank_ray.runners import kernels
 
         out = {"tokens": int(offsets[-1])}
         lengths = np.diff(offsets)
@@ -822,11 +812,13 @@ class Bench:
 
 
 # What the scorer runs on a GPU by default (scorer.packed_runner with fused_kernels on).
-DEFAULT_KERNELS = {"fused_layer_norm": True, "attention": "triton", "triton_gelu": True}
+def default_kernels(model, dtype=torch.float16) -> dict:
+    """The kernel options the job's runner factory picks for ``model`` on this GPU."""
+    return kernel_options(model.config, torch.device("cuda"), dtype, RunnerOptions())
 
 
 def trace_summary(trace_dir: Path, since: float) -> dict:
-    """Per stage, from the actors' call traces (rerank_ray.pipeline._CallTrace) of one run:
+    """Per stage, from the actors' call traces (rerank_ray.trace.CallTrace) of one run:
     calls, rows, the span from first call start to last call end, the time some call of the
     stage was running (union over actors and threads), and rows per second of that time;
     for each stage's actors, when the first process started and the last was set up."""
@@ -905,7 +897,6 @@ def main(argv=None):
     p.add_argument(
         "--job-gpus", default=None, help="Comma list of scoring actors (one GPU each); default all."
     )
-    p.add_argument("--compile", action="store_true", help="Also time the torch.compile variant.")
     args = p.parse_args(argv)
     args.budgets = [int(b) for b in args.budgets.split(",")]
     if args.job_gpus is None:

@@ -1,4 +1,5 @@
-"""The ``rerank-ray`` command: ``run`` a job, or a self-contained ``demo``."""
+"""Every entrypoint's command line: ``rerank-ray run|demo|nightly|label``, ``jobs/*.py``,
+and the one error handler they share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rerank_ray.config import ConfigError, JobConfig
+from rerank_ray.config import JobConfig
+from rerank_ray.errors import find_rerank_error
 
 _BOOL_TRUE_DEFAULT = {"s3_verify_tls", "fused_kernels"}
 
@@ -23,7 +25,8 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file of job settings; flags override it.")
     for f in dataclasses.fields(JobConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        # argparse formats help with %: a literal % in a help text must be doubled.
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         if f.type in ("bool",) or isinstance(f.default, bool):
             if f.name in _BOOL_TRUE_DEFAULT:
                 parser.add_argument(
@@ -44,12 +47,20 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                     help=help_text,
                 )
         else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text)
+            shown = f.default if f.default is not dataclasses.MISSING else "required"
+            if f.default_factory is not dataclasses.MISSING:
+                shown = ",".join(f.default_factory())
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: {shown})" if shown is not None else help_text,
+            )
 
 
 def config_from_args(args: argparse.Namespace, extra_keys: set[str] | None = None) -> JobConfig:
     """Merge --config YAML and flags into a validated ``JobConfig``."""
-    skip = {"command", "config", "func", *(extra_keys or set())}
+    skip = {"command", "config", "verbose", *(extra_keys or set())}
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     if getattr(args, "config", None):
         return JobConfig.from_yaml(args.config, overrides)
@@ -57,9 +68,16 @@ def config_from_args(args: argparse.Namespace, extra_keys: set[str] | None = Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rerank-ray`` parser: ``run``, ``demo`` and the job modes."""
+    from rerank_ray.modes.cli import add_mode_parser
+    from rerank_ray.modes.run import MODES
+
     parser = argparse.ArgumentParser(
         prog="rerank-ray",
         description="Distributed batch reranking of (query, document) pairs on Ray Data.",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Show full tracebacks of errors (for bug reports)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="Run a rerank job.")
@@ -72,26 +90,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo_p.add_argument(
         "--model", default=None, help="Model to use; default: try the default hub model."
     )
+    for mode in MODES.values():
+        add_mode_parser(sub, mode)
     return parser
 
 
+def run_main(body, verbose: bool = False) -> int:
+    """Run ``body()`` (an entrypoint's work) and turn every error this project raises on
+    purpose, also when Ray re-raises it from an actor or task, into one line on stderr and
+    exit status 2. Anything else is a bug: its traceback is kept."""
+    try:
+        body()
+    except Exception as err:
+        expected = find_rerank_error(err)
+        if expected is None:
+            raise
+        if verbose:
+            logging.getLogger("rerank_ray").exception("full traceback (--verbose)")
+        message = " ".join(str(expected).split())
+        print(f"rerank-ray: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rerank-ray: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``rerank-ray`` (and ``jobs/rerank.py``): parse, run, exit 0 or 2 (with one line)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from rerank_ray import pipeline, source, storage
 
-    expected = (ConfigError, source.InputError, storage.StorageError, storage.ModelLoadError)
-    try:
+    def body() -> None:
         if args.command == "run":
-            pipeline.run(config_from_args(args))
-        else:
+            from rerank_ray import pipeline
+
+            pipeline.run(config_from_args(args, extra_keys={"verbose"}))
+        elif args.command == "demo":
             from rerank_ray.demo import run_demo
 
             run_demo(Path(args.workdir), rows=args.rows, model=args.model)
-    except expected as err:
-        print(f"rerank-ray: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        else:
+            from rerank_ray.modes.cli import run_mode_args
+
+            run_mode_args(args)
+
+    return run_main(body, verbose=args.verbose)
 
 
 if __name__ == "__main__":

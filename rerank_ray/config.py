@@ -17,13 +17,14 @@ from typing import Any
 
 import yaml
 
+from rerank_ray.errors import RerankError
+from rerank_ray.runners import DEVICES, DTYPES
+
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
-DTYPES = ("auto", "float16", "bfloat16", "float32")
-DEVICES = ("auto", "cuda", "cpu")
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
 
 
-class ConfigError(ValueError):
+class ConfigError(RerankError, ValueError):
     """A configuration value is invalid; the message names the key, the value and the fix."""
 
 
@@ -74,15 +75,14 @@ class JobConfig:
     trust_remote_code: bool = _f(False, help="Run model code from the model repository. Unsafe.")
     fast_gelu: bool = _f(
         False,
-        help="GPU only: fuse a tanh-approximated GELU into the feed-forward matmul (~6% faster "
-        "on H200; logits move by up to ~2e-3 from the exact GELU).",
+        help="GPU only: fuse a tanh-approximated GELU into the feed-forward matmul: faster, "
+        "but logits move slightly from the exact GELU (README: Precision).",
     )
     fused_kernels: bool = _f(
         True,
         help="GPU: Triton kernels for each residual add + LayerNorm and (fp16/bf16) the "
         "variable-length attention and the exact GELU (same numerics as PyTorch's ops, the "
-        "GELU within one fp16 ulp; scorer ~14% faster on H200); checked at actor start, "
-        "PyTorch's ops if the check fails.",
+        "GELU within one fp16 ulp); checked at actor start, PyTorch's ops if the check fails.",
     )
     # --- scale ----------------------------------------------------------------------------
     device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
@@ -94,7 +94,7 @@ class JobConfig:
     tokenize_actors: int | None = _f(
         None,
         help="Tokenizer actors (CPU, 1 core each) feeding the scoring pool; default 2 per "
-        "scoring actor (one H200 scores ~6,200 pairs/s; one actor tokenizes ~9,000).",
+        "scoring actor (README: Size the pools).",
     )
     batch_rows: int = _f(2048, help="Rows per batch handed to each stage.")
     scorer_calls: int = _f(

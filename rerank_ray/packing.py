@@ -1,11 +1,22 @@
-"""Pure helpers for the scorer: length sorting and token-budget micro-batches.
+"""Pure helpers for the scorer: length sort/unsort and THE token-budget packer.
 
-No Ray and no torch here, so these can be unit-tested alone.
+No Ray and no torch here, so these can be unit-tested alone. Every micro-batch the job (and
+the benchmark) runs is cut by ``token_budget_spans``.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
+
+
+class MicroBatch(NamedTuple):
+    """One forward pass worth of rows: packed token ids, Arrow offsets, optional type ids."""
+
+    ids_flat: np.ndarray
+    offsets: np.ndarray
+    type_ids_flat: np.ndarray | None = None
 
 
 def length_order(lengths: np.ndarray) -> np.ndarray:
@@ -18,6 +29,13 @@ def inverse_order(order: np.ndarray) -> np.ndarray:
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
     return inverse
+
+
+def micro_batch_cost(lengths: np.ndarray, padded: bool) -> int:
+    """Tokens a forward pass holds: the sum of lengths, or rows x longest row when padded."""
+    if len(lengths) == 0:
+        return 0
+    return int(len(lengths) * lengths.max()) if padded else int(lengths.sum())
 
 
 def token_budget_spans(
@@ -44,3 +62,10 @@ def token_budget_spans(
         spans.append((start, end))
         start = end
     return spans
+
+
+def slice_rows(mb: MicroBatch, start: int, end: int) -> MicroBatch:
+    """Rows ``[start, end)`` of a micro-batch, offsets rebased to 0."""
+    lo, hi = int(mb.offsets[start]), int(mb.offsets[end])
+    types = None if mb.type_ids_flat is None else mb.type_ids_flat[lo:hi]
+    return MicroBatch(mb.ids_flat[lo:hi], mb.offsets[start : end + 1] - lo, types)

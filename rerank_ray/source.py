@@ -20,12 +20,13 @@ import pyarrow.parquet as pq
 
 from rerank_ray import schema, storage
 from rerank_ray.config import JobConfig
+from rerank_ray.errors import RerankError
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")
 
 
-class InputError(ValueError):
+class InputError(RerankError, ValueError):
     """The input cannot be read as candidate pairs; the message names the object and the fix."""
 
 

@@ -20,16 +20,18 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from rerank_ray.errors import RerankError
+
 WEIGHT_SAFE_SUFFIXES = (".safetensors",)
 WEIGHT_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _COMPLETE_MARKER = ".rerank-ray-complete"
 
 
-class StorageError(RuntimeError):
+class StorageError(RerankError, RuntimeError):
     """An input/output location cannot be used; the message says which and what to do."""
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RerankError, RuntimeError):
     """A model cannot be loaded safely; the message says why and what to do."""
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_ray import schema
+from rerank_ray.config import ConfigError
 from rerank_ray.modes.config import LabelConfig
 from rerank_ray.modes.ranking import (
     NUM_CANDIDATES,
@@ -56,13 +57,13 @@ def label_queries(table: pa.Table, cfg: LabelConfig) -> pa.Table:
 def check_label_columns(names: list[str], cfg: LabelConfig) -> None:
     """Raise, naming the fix, when the columns the labels need are missing."""
     if cfg.label_source == "given" and IS_POSITIVE not in names:
-        raise ValueError(
+        raise ConfigError(
             f"label_source is 'given' but the input has no `{IS_POSITIVE}` column (columns: "
             f"{', '.join(names)}); add it or use label_source: threshold."
         )
     for name in (cfg.score_column, cfg.teacher_score):
         if name not in names:
-            raise ValueError(f"Labeling needs the `{name}` column; the input lacks it.")
+            raise ConfigError(f"Labeling needs the `{name}` column; the input lacks it.")
 
 
 def label_ranked(ranked: pa.Table, cfg: LabelConfig) -> pa.Table:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from rerank_ray import pipeline, schema, storage
 from rerank_ray.config import ConfigError, JobConfig
@@ -29,10 +29,10 @@ from rerank_ray.modes.groups import labeling_group, nightly_group
 from rerank_ray.modes.labeling import label_stats
 from rerank_ray.modes.ranking import nightly_stats
 from rerank_ray.modes.report import histogram_png, score_report
+from rerank_ray.sink.location import OutputLocation, make_dirs, write_bytes
 
 log = logging.getLogger("rerank_ray")
 
-EXPORTS_DIR = "_exports"
 MODE_REPORT_NAME = "_mode_report.json"
 
 
@@ -51,35 +51,53 @@ def per_query(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], Any]:
     return transform
 
 
-def run_nightly(job: JobConfig, cfg: NightlyConfig) -> dict[str, Any]:
-    """Score, keep each query's top-k, commit; return the mode report (also written)."""
+@dataclass(frozen=True)
+class Mode:
+    """A job mode as data: its typed config, what each query group becomes inside the
+    pipeline, the rows it leaves out on purpose, and what it builds from the committed run."""
+
+    name: str
+    config_cls: type
+    description: str
+    group: Callable[[pa.Table, Any], pa.Table]  # one query's rows -> as many rows, marked
+    finish: Callable[[OutputLocation, dict[str, Any], pa.Table, Any], dict[str, Any]]
+    filtered_reasons: tuple[str, ...] = ()
+    check: Callable[[JobConfig, Any], None] | None = None  # before anything runs
+
+
+def run_mode(mode: Mode, job: JobConfig, cfg: Any) -> dict[str, Any]:
+    """Score with the mode's per-query transform, commit, then write the mode's report (and
+    exports) from the rows the run committed; returns the report."""
+    if mode.check is not None:
+        mode.check(job, cfg)
     job = job.with_defaults_resolved()
     manifest = pipeline.run(
         job,
-        transform=per_query(lambda table: nightly_group(table, cfg)),
-        filtered_reasons=(schema.RejectReason.BELOW_TOP_K,),
+        transform=per_query(lambda table: mode.group(table, cfg)),
+        filtered_reasons=mode.filtered_reasons,
     )
-    fs, base = storage.resolve(job.output, pipeline.s3_settings(job))
-    table = read_committed(fs, base, manifest)
-    stats = nightly_stats(table, cfg.effective_overlap_k)
-    report = _report_head(manifest, "nightly", cfg) | {"stats": stats.to_dict()}
-    _write_report(fs, base, manifest["run_id"], report)
+    out = pipeline.output_location(job)
+    table = read_committed(out, manifest)
+    report = _report_head(manifest, mode.name, cfg) | mode.finish(out, manifest, table, cfg)
+    _write_report(out, report)
     return report
 
 
-def run_labeling(job: JobConfig, cfg: LabelConfig) -> dict[str, Any]:
-    """Score, label, commit the labeled pairs; write the exports and the report."""
+def _finish_nightly(out, manifest, table: pa.Table, cfg: NightlyConfig) -> dict[str, Any]:
+    return {"stats": nightly_stats(table, cfg.effective_overlap_k).to_dict()}
+
+
+def _check_labeling(job: JobConfig, cfg: LabelConfig) -> None:
     missing = [c for c in (schema.QUERY, schema.DOC) if not _kept(job, c)]
     if missing:
         raise ConfigError(
             f"Labeling exports need the text columns {missing}, but keep_columns drops them; "
             "add them to keep_columns or leave keep_columns unset."
         )
-    job = job.with_defaults_resolved()
-    manifest = pipeline.run(job, transform=per_query(lambda table: labeling_group(table, cfg)))
-    fs, base = storage.resolve(job.output, pipeline.s3_settings(job))
-    table = read_committed(fs, base, manifest)
-    run_dir = storage.join(base, EXPORTS_DIR, manifest["run_id"])
+
+
+def _finish_labeling(out, manifest, table: pa.Table, cfg: LabelConfig) -> dict[str, Any]:
+    fs, run_dir = out.fs, out.exports
     paths = {
         "flagembedding_jsonl": storage.join(run_dir, "flagembedding", "train.jsonl"),
         "triplets_parquet": storage.join(run_dir, "sentence_transformers", "triplets.parquet"),
@@ -88,8 +106,7 @@ def run_labeling(job: JobConfig, cfg: LabelConfig) -> dict[str, Any]:
         ),
         "score_histogram_png": storage.join(run_dir, "score_histogram.png"),
     }
-    _make_dirs(fs, *{p.rsplit("/", 1)[0] for p in paths.values()})
-
+    make_dirs(fs, *{p.rsplit("/", 1)[0] for p in paths.values()})
     records = exports.write_jsonl(
         exports.flagembedding_records(table, cfg), paths["flagembedding_jsonl"], fs
     )
@@ -102,37 +119,62 @@ def run_labeling(job: JobConfig, cfg: LabelConfig) -> dict[str, Any]:
         low_high = pc.min_max(table[schema.SCORE])
         value_range = (low_high["min"].as_py(), low_high["max"].as_py())
     scores = score_report(table, cfg, value_range)
-    with fs.open_output_stream(paths["score_histogram_png"]) as out:
-        out.write(histogram_png(scores, cfg))
-
+    with fs.open_output_stream(paths["score_histogram_png"]) as stream:
+        stream.write(histogram_png(scores, cfg))
     counts = {
         "flagembedding_jsonl": records,
         "triplets_parquet": triplets.num_rows,
         "distillation_parquet": distillation.num_rows,
     }
-    report = _report_head(manifest, "labeling", cfg) | {
+    return {
         "stats": label_stats(table).to_dict(),
         "exports": {
-            name: {"path": _rel(base, path), "rows": counts.get(name)}
+            name: {"path": out.relative(path), "rows": counts.get(name)}
             for name, path in paths.items()
         },
         "score_report": scores.to_dict(),
     }
-    _write_report(fs, base, manifest["run_id"], report)
-    return report
 
 
-def read_committed(fs: pafs.FileSystem, base: str, manifest: dict[str, Any]) -> pa.Table:
+NIGHTLY = Mode(
+    name="nightly",
+    config_cls=NightlyConfig,
+    description="Nightly rerank: rank every query, keep the top K.",
+    group=nightly_group,
+    finish=_finish_nightly,
+    filtered_reasons=(schema.RejectReason.BELOW_TOP_K,),
+)
+LABELING = Mode(
+    name="labeling",
+    config_cls=LabelConfig,
+    description="Training-data labeling: labels, hard negatives, FlagEmbedding / "
+    "sentence-transformers exports and a score report.",
+    group=labeling_group,
+    finish=_finish_labeling,
+    check=_check_labeling,
+)
+MODES = {mode.name: mode for mode in (NIGHTLY, LABELING)}
+
+
+def run_nightly(job: JobConfig, cfg: NightlyConfig) -> dict[str, Any]:
+    """Score, keep each query's top-k, commit; return the mode report (also written)."""
+    return run_mode(NIGHTLY, job, cfg)
+
+
+def run_labeling(job: JobConfig, cfg: LabelConfig) -> dict[str, Any]:
+    """Score, label, commit the labeled pairs; write the exports and the report."""
+    return run_mode(LABELING, job, cfg)
+
+
+def read_committed(out: OutputLocation, manifest: dict[str, Any]) -> pa.Table:
     """The scored rows this run committed (its manifest's files, not older runs' ones)."""
     files = [
-        storage.join(base, f)
-        for f in manifest["files"]
-        if not f.startswith("_") and f.endswith(".parquet")
+        out.path(f) for f in manifest["files"] if not f.startswith("_") and f.endswith(".parquet")
     ]
     if not files:
         return pa.table({})
     dataset = pads.dataset(
-        files, filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=base
+        files, filesystem=out.fs, format="parquet", partitioning="hive", partition_base_dir=out.base
     )
     return dataset.to_table()
 
@@ -150,20 +192,11 @@ def _report_head(manifest: dict[str, Any], mode: str, cfg) -> dict[str, Any]:
     }
 
 
-def _write_report(fs: pafs.FileSystem, base: str, run_id: str, report: dict[str, Any]) -> None:
+def _write_report(out: OutputLocation, report: dict[str, Any]) -> None:
     body = json.dumps(report, indent=2, default=float).encode()
-    run_dir = storage.join(base, EXPORTS_DIR, run_id)
-    _make_dirs(fs, run_dir)
-    for path in (storage.join(run_dir, "report.json"), storage.join(base, MODE_REPORT_NAME)):
-        with fs.open_output_stream(path) as out:
-            out.write(body)
-    log.info("mode report of run %s written under %s", run_id, run_dir)
-
-
-def _make_dirs(fs: pafs.FileSystem, *paths: str) -> None:
-    if isinstance(fs, pafs.LocalFileSystem):  # object stores have no directories to create
-        for path in paths:
-            fs.create_dir(path, recursive=True)
+    for path in (storage.join(out.exports, "report.json"), out.path(MODE_REPORT_NAME)):
+        write_bytes(out.fs, path, body)
+    log.info("mode report of run %s written under %s", out.run_id, out.display(out.exports))
 
 
 def _kept(job: JobConfig, canonical: str) -> bool:
@@ -171,7 +204,3 @@ def _kept(job: JobConfig, canonical: str) -> bool:
         return True
     original = {v: k for k, v in job.column_map.items()}[canonical]
     return original in job.keep_columns
-
-
-def _rel(base: str, path: str) -> str:
-    return path[len(base) + 1 :]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from rerank_ray.autotune import MicroBatch, TokenBudget, autotune_token_budget, score_microbatches
-from rerank_ray.encoder import PackedEncoder, varlen_attention_available
+from rerank_ray.autotune import autotune_token_budget
+from rerank_ray.backoff import TokenBudget, score_microbatches
+from rerank_ray.packing import MicroBatch
+from rerank_ray.runners.packed import PackedEncoder, varlen_attention_available
 
 pytestmark = [
     pytest.mark.gpu,
@@ -119,7 +121,7 @@ def test_triton_attention_matches_flash_attention(dtype):
     against fp32 HF."""
     from torch.nn.attention.varlen import varlen_attn
 
-    from rerank_ray import kernels
+    from rerank_ray.runners import kernels
 
     gen = torch.Generator(device="cpu").manual_seed(3)
     lengths = np.array([1, 7, 64, 65, 127, 128, 129, 300, 511, 512, 33])
@@ -162,7 +164,7 @@ def test_last_layer_on_first_tokens_matches_the_whole_last_layer(attention):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_gelu_is_within_one_ulp_of_torch_and_scores_as_eager(dtype):
-    from rerank_ray import kernels
+    from rerank_ray.runners import kernels
 
     h = (torch.randn(4096, 1023, device="cuda") * 3).to(dtype)
     got, want = kernels.gelu_(h.clone()), torch.nn.functional.gelu(h)
@@ -184,7 +186,7 @@ def test_triton_attention_takes_more_sequences_than_a_grid_axis_of_65535():
     """A large token budget of short pairs can hold >65,535 sequences in one micro-batch: the
     kernel puts sequences on the grid's x axis. One-token sequences attend only to
     themselves, so the output is exactly v."""
-    from rerank_ray import kernels
+    from rerank_ray.runners import kernels
 
     n_seq, heads = 70_000, 2
     cu = torch.arange(n_seq + 1, dtype=torch.int32, device="cuda")
@@ -197,13 +199,14 @@ def test_scoring_actor_reads_the_checkpoint_and_scores_as_through_transformers(t
     """On a GPU the scoring actor builds its encoder from config.json + safetensors (no
     transformers): same scores, fp16, default kernels, as the encoder built from the HF
     model."""
-    from rerank_ray.scorer import ScoreStage, packed_runner
+    from rerank_ray.runners import RunnerOptions, packed
+    from rerank_ray.scorer import ScoreStage
 
     model = _model(torch.float32)
     model.save_pretrained(tmp_path / "m")
-    stage = ScoreStage(str(tmp_path / "m"), device="cuda", token_budget=8192)
+    stage = ScoreStage(str(tmp_path / "m"), RunnerOptions(device="cuda"), token_budget=8192)
     assert stage.load_path == "checkpoint"
     hf = model.to(torch.float16)
-    via_hf = packed_runner(hf, torch.device("cuda"), torch.float16, False, True)
+    via_hf = packed.from_model(hf, torch.device("cuda"), torch.float16, RunnerOptions())
     ids, offsets = _batch(32, seed=11)
     np.testing.assert_array_equal(stage.runner.score(ids, offsets), via_hf.score(ids, offsets))

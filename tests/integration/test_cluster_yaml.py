@@ -96,6 +96,10 @@ def test_cuda_pytorch_image_and_package_install(prepared, raw):
     # The installed path is the repository, mounted from where `ray up` runs.
     target = shlex.split(install)[-1]
     assert raw["file_mounts"][target] == "."
+    # Both installs take the versions CI tested.
+    for step in (torch_step, install):
+        assert f"-c {target}/constraints.txt" in step
+    assert (REPO / "constraints.txt").exists()
     assert (REPO / "pyproject.toml").exists()
     # prepare_config merges setup_commands into the head's and the workers' setup.
     assert install in prepared["head_setup_commands"]

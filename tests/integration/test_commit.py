@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rerank_ray import JobConfig, run, schema
-from rerank_ray.sink import ConcurrentRunError, acquire_lock, lock_path, release_lock
+from rerank_ray.sink import ConcurrentRunError, OutputLocation, acquire_lock, release_lock
 from rerank_ray.storage import S3Settings
 from tests.conftest import make_pairs
 
@@ -60,8 +60,9 @@ def test_rerun_with_same_run_id_replaces_never_duplicates(ray_local, tiny_model_
 def test_a_second_run_on_the_same_partition_fails_clearly(ray_local, tiny_model_dir, tmp_path):
     write_shards(tmp_path / "in", shards=1, rows_per_shard=20)
     out = tmp_path / "out"
-    lock = lock_path(str(out), "2026-11-21", ["run_date"])
-    acquire_lock(str(out), S3Settings(), "other-run", lock)
+    other = OutputLocation(str(out), S3Settings(), "other-run")
+    lock = other.lock("2026-11-21", ["run_date"])
+    acquire_lock(other, lock)
     cfg = JobConfig(
         input=str(tmp_path / "in"),
         output=str(out),
@@ -81,23 +82,22 @@ def test_a_second_run_on_the_same_partition_fails_clearly(ray_local, tiny_model_
         )["rows_scored"]
         == 20
     )
-    release_lock(str(out), S3Settings(), "other-run", lock)
+    release_lock(other, lock)
     assert run(JobConfig(**{**cfg.to_dict(), "tokenize_actors": 1, "num_actors": 1}))
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_exactly_one_of_two_racing_runs_gets_the_lock(where, s3_server, bucket, tmp_path):
     output = str(tmp_path / "out") if where == "local" else f"s3://{bucket}/out/"
-    base = str(tmp_path / "out") if where == "local" else f"{bucket}/out"
     s3 = S3Settings.resolve(None, None, True)
-    path = lock_path(base, "2026-11-21", ["run_date"])
+    path = OutputLocation(output, s3, "any").lock("2026-11-21", ["run_date"])
     results: dict[str, str] = {}
     barrier = threading.Barrier(2)
 
     def contender(run_id):
         barrier.wait()
         try:
-            acquire_lock(output, s3, run_id, path)
+            acquire_lock(OutputLocation(output, s3, run_id), path)
             results[run_id] = "got"
         except ConcurrentRunError:
             results[run_id] = "refused"

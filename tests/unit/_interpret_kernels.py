@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from test_encoder import LENGTHS, _batch, _bert, _hf_padded, _xlmr  # noqa: E402
 
-from rerank_ray import kernels  # noqa: E402
-from rerank_ray.encoder import PackedEncoder  # noqa: E402
+from rerank_ray.runners import kernels  # noqa: E402
+from rerank_ray.runners.packed import PackedEncoder  # noqa: E402
 
 out = {"available_cpu": kernels.available(torch.device("cpu"))}
 torch.manual_seed(0)
@@ -109,11 +109,6 @@ for bad in ((torch.zeros(10, 95), 2), (torch.zeros(10, 3 * 2 * 12), 2)):
     except ValueError as e:
         out.setdefault("attention_errors", []).append(str(e))
 out["self_check_attention"] = kernels.self_check(torch.device("cpu"), torch.float32, 16)
-# A probe's tile (32 query rows, 16 key columns) in place of the fixed one: the same result.
-qkv = torch.randn(sum(lengths), 3 * 2 * 16) * 2
-default = kernels.varlen_attention(qkv, cu, 2)
-tiled = kernels.varlen_attention(qkv, cu, 2, tile=(32, 16, 1, 1))
-out["attention_tile_32x16_vs_default"] = (tiled - default).abs().max().item()
 
 # The encoder with the Triton attention (head size 16: hidden 64, 4 heads), fp32, against HF.
 xlmr16 = _xlmr(hidden=64)

@@ -111,7 +111,7 @@ def test_resolved_defaults_are_fixed_once():
     ],
 )
 def test_tokenize_pool_follows_the_scoring_pool(extra, gpus, tokenize, cpus):
-    from rerank_ray.pipeline import cpus_needed, tokenize_actors
+    from rerank_ray.cluster import cpus_needed, tokenize_actors
 
     cfg = JobConfig.from_dict({**BASE, **extra})
     scorers = cfg.num_actors or cfg.min_actors or max(gpus, 1)

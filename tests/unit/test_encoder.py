@@ -12,7 +12,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from rerank_ray.encoder import PackedEncoder
+from rerank_ray.runners.packed import PackedEncoder
 
 VOCAB = 97
 

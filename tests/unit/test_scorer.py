@@ -7,9 +7,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rerank_ray import schema
+from rerank_ray.runners import RunnerOptions, packed
 from rerank_ray.scorer import ScoreStage
 from rerank_ray.tiny_model import SAMPLE_TEXTS
 from rerank_ray.tokenize import TokenizeStage
+
+CPU = RunnerOptions(device="cpu")
 
 
 def sample_pairs(n, seed=0):
@@ -34,7 +37,7 @@ def run_stages(model_dir, pairs, token_budget=None, max_length=512):
         }
     )
     tokens = TokenizeStage(str(model_dir), max_length, max_length * 3 // 4)(batch)
-    return ScoreStage(str(model_dir), device="cpu", token_budget=token_budget)(tokens)
+    return ScoreStage(str(model_dir), CPU, token_budget=token_budget)(tokens)
 
 
 def hf_logits(model_dir, pairs):
@@ -61,7 +64,8 @@ def test_scores_equal_hf_logits_in_input_order(kind, token_budget, request):
 
 
 def test_scores_equal_flagreranker(tiny_model_dir):
-    flag = pytest.importorskip("FlagEmbedding")
+    import FlagEmbedding as flag  # the reference: pinned in constraints.txt, never skipped
+
     pairs = sample_pairs(30, seed=3)
     reranker = flag.FlagReranker(str(tiny_model_dir), use_fp16=False, devices=["cpu"])
     ref = np.asarray(reranker.compute_score([list(p) for p in pairs]), dtype=np.float64)
@@ -98,7 +102,7 @@ def test_concurrent_calls_of_one_stage_equal_one_at_a_time(tiny_model_dir):
         )
         for b in blocks
     ]
-    stage = ScoreStage(str(tiny_model_dir), device="cpu", token_budget=600, concurrent_calls=3)
+    stage = ScoreStage(str(tiny_model_dir), CPU, token_budget=600, concurrent_calls=3)
     alone = [stage(t)[schema.SCORE].to_numpy() for t in tables]
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(stage, tables * 3))
@@ -112,8 +116,7 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
 ):
     """A GPU where the Triton kernel cannot compile (or computes wrong) still scores, with
     the eager ops and a warning that says why; --no-fused-kernels never runs the check."""
-    from rerank_ray import kernels
-    from rerank_ray.scorer import packed_runner
+    from rerank_ray.runners import kernels
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
     cpu = torch.device("cpu")
@@ -121,8 +124,8 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     monkeypatch.setattr(
         kernels, "self_check", lambda device, dtype, head_dim: "CompilationError: sm_52"
     )
-    with caplog.at_level("WARNING", logger="rerank_ray.scorer"):
-        runner = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
+    with caplog.at_level("WARNING", logger="rerank_ray.runners.packed"):
+        runner = packed.from_model(model, cpu, torch.float32, RunnerOptions())
     assert runner.fused_layer_norm is False and runner.triton_gelu is False
     assert runner.attention != "triton"
     assert "Fused kernels off" in caplog.text and "CompilationError: sm_52" in caplog.text
@@ -131,7 +134,12 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
         raise AssertionError("self_check ran with fused_kernels off")
 
     monkeypatch.setattr(kernels, "self_check", must_not_run)
-    assert packed_runner(model, cpu, torch.float32, False, False).fused_layer_norm is False
+    assert (
+        packed.from_model(
+            model, cpu, torch.float32, RunnerOptions(fused_kernels=False)
+        ).fused_layer_norm
+        is False
+    )
 
     ids = np.array([0, 5, 6, 2, 2, 7, 8, 9, 2], dtype=np.int32)
     offsets = np.array([0, 9], dtype=np.int64)
@@ -146,8 +154,7 @@ def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     """Where the kernels pass their check, fp16/bf16 get the Triton attention, the fused
     add+LayerNorm and the Triton GELU; float32 keeps the other attention (Triton would run its
     dots in TF32) and PyTorch's GELU."""
-    from rerank_ray import kernels
-    from rerank_ray.scorer import _packed_options, packed_runner
+    from rerank_ray.runners import kernels
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
     cpu = torch.device("cpu")
@@ -158,17 +165,17 @@ def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     )
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     supported = kernels.attention_supported(head_dim)
-    half = packed_runner(model, cpu, torch.float16, fast_gelu=False, fused_kernels=True)
+    half = packed.from_model(model, cpu, torch.float16, RunnerOptions())
     assert half.fused_layer_norm is True
     assert (half.attention == "triton") is supported
     assert half.triton_gelu is (model.config.hidden_act == "gelu")
-    full = packed_runner(model, cpu, torch.float32, fast_gelu=False, fused_kernels=True)
+    full = packed.from_model(model, cpu, torch.float32, RunnerOptions())
     assert full.fused_layer_norm is True and full.attention != "triton"
     assert full.triton_gelu is False
     # float32 checks only add+LayerNorm and GELU: no attention kernel to check, none to fail.
     assert checked == [head_dim if supported else None, None]
     # --fast-gelu puts the (tanh) GELU in the matmul epilogue: no separate GELU pass then.
-    opts = _packed_options(model.config, cpu, torch.float16, fast_gelu=True, fused_kernels=True)
+    opts = packed.kernel_options(model.config, cpu, torch.float16, RunnerOptions(fast_gelu=True))
     assert opts["gelu_epilogue"] is True and opts["triton_gelu"] is False
 
 
@@ -179,12 +186,10 @@ def test_runner_from_the_checkpoint_equals_the_one_from_the_hf_model(tiny_model_
     transformers)."""
     import json
 
-    from rerank_ray.scorer import packed_runner, packed_runner_from_checkpoint
-
     cpu = torch.device("cpu")
-    direct = packed_runner_from_checkpoint(tiny_model_dir, cpu, torch.float32, False, True)
+    direct = packed.from_checkpoint(tiny_model_dir, cpu, torch.float32, RunnerOptions())
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir)).eval()
-    via_hf = packed_runner(model, cpu, torch.float32, False, True)
+    via_hf = packed.from_model(model, cpu, torch.float32, RunnerOptions())
     assert (direct.attention, direct.fused_layer_norm, direct.triton_gelu) == (
         via_hf.attention,
         via_hf.fused_layer_norm,
@@ -196,4 +201,4 @@ def test_runner_from_the_checkpoint_equals_the_one_from_the_hf_model(tiny_model_
     config = json.loads((model_copy / "config.json").read_text())
     del config["architectures"]
     (model_copy / "config.json").write_text(json.dumps(config))
-    assert packed_runner_from_checkpoint(model_copy, cpu, torch.float32, False, True) is None
+    assert packed.from_checkpoint(model_copy, cpu, torch.float32, RunnerOptions()) is None

@@ -59,13 +59,11 @@ def test_sink_sends_no_driver_callback_to_write_tasks(tmp_path):
     import pickle
     import threading
 
-    from rerank_ray import sink
+    from rerank_ray.sink import OutputLocation, RerankSink
 
     lock = threading.Lock()  # unpicklable, like a thread's handle
-    out = sink.RerankSink(
-        output_uri=str(tmp_path),
-        s3=S3Settings(),
-        run_id="r1",
+    out = RerankSink(
+        OutputLocation(str(tmp_path), S3Settings(), "r1"),
         run_date="2026-11-22",
         partition_by=["run_date"],
         expected_rows=0,

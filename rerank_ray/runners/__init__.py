@@ -1,0 +1,154 @@
+"""How a model scores: the ``Runner`` protocol, its typed options, and the one factory.
+
+``build_runner(model_dir, options)`` is the only place that decides which runner scores a
+model and with which kernels; it validates the options against the model and the device once.
+
+- ``packed.PackedEncoder``: the padding-free encoder (XLM-R, RoBERTa, BERT), on a GPU with the
+  Triton kernels of ``kernels.py`` where they pass their self-check.
+- ``padded.PaddedRunner``: Hugging Face's own forward on padded batches, for every other
+  model, and on CPU.
+
+Adding a backend is one module here and one branch in ``build_runner``; the scorer does not
+change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from rerank_ray.errors import RerankError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class DeviceError(RerankError, RuntimeError):
+    """The requested device is not there (e.g. ``--device cuda`` on a worker without a GPU)."""
+
+
+class Runner(Protocol):
+    """What the scorer calls. ``submit`` (optional) is the asynchronous form of ``score``."""
+
+    padded: bool  # micro-batches cost rows x longest row (True) or the sum of lengths (False)
+
+    def score(
+        self, ids_flat: np.ndarray, offsets: np.ndarray, type_ids_flat: np.ndarray | None
+    ) -> np.ndarray:
+        """Raw logits (float32), one per sequence; ``offsets`` are Arrow list offsets."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to score, as the job config asks; validated when built."""
+
+    device: str = "auto"  # cuda, cpu, or auto (cuda when this worker has a GPU)
+    dtype: str = "auto"  # float16, bfloat16, float32, or auto (fp16 on GPU, fp32 on CPU)
+    fused_kernels: bool = True  # GPU: Triton add+LayerNorm, attention and exact GELU
+    fast_gelu: bool = False  # GPU: tanh GELU in the matmul epilogue (changes logits slightly)
+    allow_pickle_weights: bool = False  # load pickle weights when no safetensors exist
+    trust_remote_code: bool = False  # run the model repository's code
+
+    def __post_init__(self) -> None:
+        from rerank_ray.config import ConfigError
+
+        if self.device not in DEVICES:
+            raise ConfigError(f"`device` is {self.device!r}; choose one of {', '.join(DEVICES)}.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"`dtype` is {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+
+    @classmethod
+    def from_job(cls, cfg) -> RunnerOptions:
+        """The runner options of a ``JobConfig``."""
+        return cls(
+            device=cfg.device,
+            dtype=cfg.dtype,
+            fused_kernels=cfg.fused_kernels,
+            fast_gelu=cfg.fast_gelu,
+            allow_pickle_weights=cfg.allow_pickle_weights,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+
+
+@dataclass
+class BuiltRunner:
+    """A runner and how it was built (the scoring actor reports this)."""
+
+    runner: Runner
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+    load_path: str  # "checkpoint" (read directly) or "transformers"
+    seconds: dict[str, float] = field(default_factory=dict)  # load_model, build_runner
+
+
+def pick_device(requested: str):
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ``DeviceError``."""
+    import torch
+
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "device is 'cuda' but this worker sees no GPU: schedule the scorer on a GPU "
+                "node, or pass --device cpu."
+            )
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def pick_dtype(requested: str, device):
+    """``auto`` -> float16 on GPU (the reference's use_fp16), float32 on CPU."""
+    import torch
+
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+        requested
+    ]
+
+
+def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
+    """The runner for ``model_dir`` under ``options``.
+
+    On a GPU, a plain XLM-R/RoBERTa/BERT checkpoint is read straight from ``config.json`` and
+    safetensors into the packed encoder (no transformers import: seconds of actor start-up);
+    any other model loads through transformers, then runs packed on a GPU where its type
+    allows, else padded. On CPU the padded HF forward is the exact reference path.
+    """
+    from rerank_ray.runners import packed
+    from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder
+
+    t0 = time.perf_counter()
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device)
+    on_gpu = device.type == "cuda"
+    runner = None
+    if on_gpu and not options.trust_remote_code:
+        runner = packed.from_checkpoint(model_dir, device, dtype, options)
+    load_path = "checkpoint" if runner is not None else "transformers"
+    t_loaded = time.perf_counter()
+    if runner is None:
+        model = load_cross_encoder(
+            model_dir,
+            device=device,
+            dtype=dtype,
+            allow_pickle_weights=options.allow_pickle_weights,
+            trust_remote_code=options.trust_remote_code,
+        )
+        t_loaded = time.perf_counter()
+        if on_gpu and model.config.model_type in packed.SUPPORTED_MODEL_TYPES:
+            runner = packed.from_model(model, device, dtype, options)
+        else:
+            runner = PaddedRunner(model, device)
+    seconds = {
+        "load_model": round(t_loaded - t0, 2),
+        "build_runner": round(time.perf_counter() - t_loaded, 2),
+    }
+    return BuiltRunner(runner, device, dtype, load_path, seconds)

@@ -1,0 +1,304 @@
+"""Triton kernels for the padding-free encoder: the elementwise work fused around the matmuls.
+
+- ``add_layer_norm_``: each encoder layer ends its attention and its feed-forward block with
+  ``LayerNorm(y + x)``. Eagerly that is two kernels and five passes over a ``tokens x hidden``
+  tensor; this kernel reads ``y`` and ``x`` once and writes the result over ``y``. The sum is
+  rounded to the input dtype first (as the fp16/bf16 add does), then normalized in float32.
+- ``varlen_attention``: flash attention over packed sequences (cu_seqlens) that reads q, k and
+  v straight from the fused QKV projection's output, tiled for short sequences (a reranking
+  pair is ~100-500 tokens). Softmax in float32 with the running max, P rounded to the input
+  dtype for the PV product: FlashAttention's numerics.
+- ``gelu_``: the exact (erf) GELU in place, its erf exact to 1.5e-7 (within one fp16/bf16 ulp
+  of PyTorch's result) at a dozen instructions instead of libdevice's ~40, so the pass is
+  memory-bound.
+
+Matmuls with the exact GELU in their epilogue (Triton, cuDNN, CUTLASS) were tried and were
+slower than cuBLAS plus ``gelu_``; bench/README.md keeps those probes.
+
+Triton is the compiler PyTorch's CUDA builds ship with; where it is missing (CPU-only
+installs) ``available()`` is False and the encoder keeps the eager ops. Under
+``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (how the tests check them here).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_layer_norm_kernel(Y, X, W, B, stride, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = tl.load(Y + row * stride + cols, mask=mask, other=0.0)
+        x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
+        # Round the sum to the input dtype first, as the eager fp16/bf16 add does.
+        s = (y.to(tl.float32) + x.to(tl.float32)).to(y.dtype).to(tl.float32)
+        mean = tl.sum(s, axis=0) / n_cols
+        d = tl.where(mask, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n_cols + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride + cols, (d * rstd * w + b).to(y.dtype), mask=mask)
+
+    return add_layer_norm_kernel, triton.next_power_of_2
+
+
+def available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on ``device``: Triton importable, and CUDA (or CPU
+    under ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def add_layer_norm_(
+    y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``LayerNorm(y + x)`` over the last dim, written into ``y`` (returned). 2-D inputs of
+    the same shape, dtype and row stride; ``y`` is overwritten."""
+    if y.dim() != 2 or y.shape != x.shape or y.stride() != x.stride() or y.stride(1) != 1:
+        raise ValueError(
+            f"add_layer_norm_ needs two row-major 2-D tensors of one shape, got "
+            f"{tuple(y.shape)}/{y.stride()} and {tuple(x.shape)}/{x.stride()}."
+        )
+    rows, cols = y.shape
+    if rows == 0:
+        return y
+    kernel, next_pow2 = _kernel()
+    block = next_pow2(cols)
+    warps = 4 if block <= 1024 else 8
+    kernel[(rows,)](y, x, weight, bias, y.stride(0), cols, eps, BLOCK=block, num_warps=warps)
+    return y
+
+
+@functools.cache
+def _gelu_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gelu_kernel(X, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        # 1 + erf(h / sqrt 2) through erfc = poly(t) * exp(-z^2) (Abramowitz & Stegun 7.1.26,
+        # |error| <= 1.5e-7): a dozen instructions where libdevice's erf takes ~40, and no
+        # cancellation on the negative side.
+        s = tl.abs(h) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.3275911 * s)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
+               + t * (-1.453152027 + t * 1.061405429))))  # fmt: skip
+        erfc = poly * tl.exp2(-1.4426950408889634 * s * s)
+        one_plus_erf = tl.where(h >= 0, 2.0 - erfc, erfc)
+        tl.store(X + offs, (0.5 * h * one_plus_erf).to(X.dtype.element_ty), mask=mask)
+
+    return gelu_kernel
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """The exact (erf) GELU in place, in float32 math rounded once to ``x``'s dtype, as
+    PyTorch's; erf to 1.5e-7 (far below a 16-bit float's resolution), so a result differs from
+    ``F.gelu`` by at most one unit in the last place of fp16/bf16, and rarely. The cheap erf
+    keeps the elementwise pass memory-bound. Returns ``x``."""
+    if not x.is_contiguous():
+        raise ValueError(f"gelu_ needs a contiguous tensor, got strides {x.stride()}.")
+    n = x.numel()
+    if n:
+        block = 1024 if _interpreting() else 4096
+        _gelu_kernel()[(-(-n // block),)](x, n, BLOCK=block, num_warps=8)
+    return x
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _half_on_gpu(name: str, x: torch.Tensor) -> None:
+    """The attention kernel's dots take fp16/bf16 on a GPU: there Triton would run float32
+    dots in TF32, less exact than the eager float32 path it stands in for."""
+    if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} takes float16 or bfloat16 on a GPU, got {x.dtype}.")
+
+
+@functools.cache
+def _attention_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def varlen_attention_kernel(
+        QKV, OUT, CU, WORK, qk_scale, stride_qkv, stride_o,
+        HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # One program per (row block of a sequence, head): the work list holds each
+        # sequence's blocks, so no program starts past the end of a short sequence. Work
+        # items sit on the grid's x axis (up to 2^31 - 1; y allows 65,535).
+        item = tl.program_id(0)
+        head = tl.program_id(1)
+        seq = tl.load(WORK + 2 * item)
+        m_block = tl.load(WORK + 2 * item + 1)
+        start = tl.load(CU + seq)
+        length = tl.load(CU + seq + 1) - start
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        base = QKV + start.to(tl.int64) * stride_qkv + head * D
+        q = tl.load(
+            base + offs_m[:, None] * stride_qkv + offs_d[None, :],
+            mask=offs_m[:, None] < length,
+            other=0.0,
+        )
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+        for n0 in range(0, length, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = offs_n < length
+            kt = tl.load(  # K^T tile [D, BLOCK_N]: k sits HEADS*D after q in each QKV row
+                base + HEADS * D + offs_n[None, :] * stride_qkv + offs_d[:, None],
+                mask=valid[None, :],
+                other=0.0,
+            )
+            s = tl.dot(q, kt) * qk_scale  # log2 units: softmax through exp2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                base + 2 * HEADS * D + offs_n[:, None] * stride_qkv + offs_d[None, :],
+                mask=valid[:, None],
+                other=0.0,
+            )
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        o_ptrs = (
+            OUT + (start + offs_m[:, None]).to(tl.int64) * stride_o + head * D + offs_d[None, :]
+        )
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < length)
+
+    return varlen_attention_kernel
+
+
+def attention_supported(head_dim: int) -> bool:
+    """Head sizes the attention kernel takes (a power of two the matmul units tile)."""
+    return head_dim in (16, 32, 64, 128)
+
+
+def attention_block_rows() -> int:
+    """Query rows per program of the attention kernel: 64 on a GPU; 16 under the
+    interpreter, so tests cross tile edges with short sequences."""
+    return 16 if _interpreting() else 64
+
+
+def attention_work(lengths: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+    """The attention kernel's work list for sequences of ``lengths``: (sequence, row block)
+    pairs, int32, flattened. Built on the host with the rest of a micro-batch's inputs.
+    ``block_rows``: the tile's rows (default ``attention_block_rows()``)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    blocks = -(-lengths // (block_rows or attention_block_rows()))
+    seq = np.repeat(np.arange(len(lengths), dtype=np.int64), blocks)
+    first = np.repeat(np.cumsum(blocks) - blocks, blocks)
+    return np.stack([seq, np.arange(len(seq)) - first], axis=1).astype(np.int32).reshape(-1)
+
+
+def varlen_attention(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    heads: int,
+    work: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention within each packed sequence, no mask beyond the sequence bounds.
+
+    ``qkv`` is the fused projection's output, [tokens, 3 * heads * head_dim] row-major (q, k, v
+    blocks of ``heads * head_dim`` each); ``cu_seqlens`` int32 [B + 1], starting at 0;
+    ``work``: ``attention_work`` of the lengths as an int32
+    tensor on the device (built here from ``cu_seqlens`` when None, at the cost of a copy to
+    the host). Returns [tokens, heads * head_dim]."""
+    if qkv.dim() != 2 or qkv.stride(1) != 1 or qkv.shape[1] % (3 * heads):
+        raise ValueError(
+            f"varlen_attention needs qkv [tokens, 3 * heads * head_dim] row-major with "
+            f"heads={heads}, got {tuple(qkv.shape)}/{qkv.stride()}."
+        )
+    _half_on_gpu("varlen_attention", qkv)
+    tokens, width = qkv.shape[0], qkv.shape[1] // 3
+    head_dim = width // heads
+    if not attention_supported(head_dim):
+        raise ValueError(f"varlen_attention takes head_dim 16, 32, 64 or 128, got {head_dim}.")
+    out = torch.empty((tokens, width), device=qkv.device, dtype=qkv.dtype)
+    n_seq = cu_seqlens.shape[0] - 1
+    if tokens == 0 or n_seq == 0:
+        return out
+    block_m = attention_block_rows()
+    block_n, stages, warps = (16, 1, 1) if _interpreting() else (64, 3, 4)
+    if work is None:
+        lengths = np.diff(cu_seqlens.cpu().numpy())
+        work = torch.from_numpy(attention_work(lengths, block_m)).to(qkv.device)
+    kernel = _attention_kernel()
+    scale = 1.4426950408889634 / math.sqrt(head_dim)  # log2(e) / sqrt(d)
+    # One fixed tile (the fastest measured on the scorer's micro-batches, bench/README.md):
+    # one compile at actor start, not one per candidate.
+    kernel[(work.shape[0] // 2, heads)](
+        qkv, out, cu_seqlens, work, scale, qkv.stride(0), out.stride(0),
+        HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_stages=stages, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
+    """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm,
+    GELU and (given a supported ``head_dim``) the attention. None when they all agree, else why
+    not (a Triton that cannot compile for this GPU, a wrong result). The scorer calls it at
+    actor start and keeps the eager ops when it fails."""
+    import torch.nn.functional as F
+
+    tol = 0.05 if dtype == torch.bfloat16 else 0.01
+    checks = []
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def randn(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
+
+        y, x, w, b = randn(64, 96), randn(64, 96), randn(96), randn(96)
+        want = F.layer_norm((y + x).float(), (96,), w.float(), b.float(), 1e-5)
+        got = add_layer_norm_(y.clone(), x, w, b, 1e-5).float()
+        checks.append(("add+LayerNorm", got, want, tol))
+        h = randn(64, 96, scale=3.0)
+        checks.append(("GELU", gelu_(h.clone()).float(), F.gelu(h.float()), tol))
+
+        if head_dim is not None and attention_supported(head_dim):
+            heads, lengths = 2, (3, 70, 130)
+            cu = torch.tensor((0, 3, 73, 203), dtype=torch.int32, device=device)
+            qkv = randn(203, 3 * heads * head_dim)
+            got = varlen_attention(qkv, cu, heads).float()
+            parts = []
+            for start, n in zip((0, 3, 73), lengths, strict=True):
+                q, k, v = qkv[start : start + n].float().view(n, 3, heads, head_dim).unbind(1)
+                o = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)))
+                parts.append(o.transpose(0, 1).reshape(n, heads * head_dim))
+            checks.append(("varlen attention", got, torch.cat(parts), tol))
+    except Exception as e:  # compile or launch failure: report it, the caller falls back
+        return f"{type(e).__name__}: {e}"
+    for name, got, want, limit in checks:
+        err = (got - want).abs().max().item()
+        if not err <= limit:
+            return f"the fused {name} kernel differs from eager PyTorch by {err:.3g} (> {limit}) in {dtype}"
+    return None
