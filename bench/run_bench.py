@@ -386,14 +386,18 @@ class Bench:
         self.run_packed(
             f"padding-free fp16 default (+ Triton exact GELU), budget {best}", enc, best, n
         )
-        enc = PackedEncoder(self.model16, gelu_epilogue=True, **no_gelu)
+        enc = PackedEncoder(self.model16, **{**no_gelu, "gelu_epilogue": True})
         self.run_packed(
             f"padding-free fp16 default + GELU epilogue (--fast-gelu), budget {best}",
             enc,
             best,
             n,
         )
-        enc = PackedEncoder(self.model16, dtype=torch.bfloat16, **default_kernels(self.model16))
+        enc = PackedEncoder(
+            self.model16,
+            dtype=torch.bfloat16,
+            **default_kernels(self.model16, torch.bfloat16),
+        )
         self.run_packed(f"padding-free bf16 all Triton kernels, budget {best}", enc, best, n)
 
     def profile(self):
