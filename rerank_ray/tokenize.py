@@ -344,10 +344,10 @@ class TokenizeStage:
             )["input_ids"]
         # What the HF call above does for a fast tokenizer, without building a BatchEncoding
         # of Python lists (ids, attention mask, type ids) per text, and through the Rust
-        # tokenizer's batch call that skips offset tracking where it has one. With distinct
-        # queries tokenized once, 1.3-2.5x the stage's rate with identical ids
-        # (bench/tokenize_rate.py). Same truncation side and special-token splitting as the
-        # HF call; padding is off (set once in _raw_rust_tokenizer).
+        # tokenizer's batch call that skips offset tracking where it has one (measured in
+        # bench/README.md, "Tokenize stage on one core"). Same truncation side and
+        # special-token splitting as the HF call; padding is off (set once in
+        # _raw_rust_tokenizer).
         raw = self._raw
         split_special = self._split_special_tokens
         if raw.encode_special_tokens != split_special:
