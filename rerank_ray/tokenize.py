@@ -3,8 +3,9 @@
 FlagReranker tokenizes the query truncated to ``query_max_length`` and the document
 truncated to ``max_length`` (both without special tokens), then joins them with the
 model's special tokens, truncating only the document so the pair fits ``max_length``.
-This stage does the same with the fast (Rust) tokenizer in batch, and builds the pair from a
-template of the model's special tokens instead of a per-row Python ``prepare_for_model``.
+This stage does the same with the fast (Rust) tokenizer in batch: each distinct query text
+once per block, each document once, and the pairs assembled from those ids and a template of
+the model's special tokens in numpy (no per-row Python ``prepare_for_model``).
 
 Rows that cannot be scored are not dropped: they keep flowing with a ``reject_reason``.
 """
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,80 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
+def _flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat int32 values and int64 lengths of a list of int lists."""
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    flat = np.fromiter(chain.from_iterable(lists), dtype=np.int32, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    """Where each run begins in the flat array of runs of ``lengths``."""
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def assemble_pairs(
+    template: PairTemplate,
+    query_ids: list[list[int]],
+    query_of_row: np.ndarray,
+    doc_ids: list[list[int]],
+    max_length: int,
+    query_max_length: int,
+    with_types: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs from separately tokenized texts, FlagReranker's way, with no per-row Python.
+
+    Row ``i`` pairs query ``query_of_row[i]`` of ``query_ids`` with document ``i`` of
+    ``doc_ids`` (ids without special tokens). The query is cut to ``query_max_length``, the
+    document so the pair fits ``max_length``, and ``template`` adds the special tokens.
+    Returns flat ids (int32), flat type ids (int8; empty unless ``with_types``), per-pair
+    lengths (int32) and truncated flags.
+    """
+    q_flat, q_len = _flatten(query_ids)
+    d_flat, d_len = _flatten(doc_ids)
+    rows = len(doc_ids)
+    t = template
+    row_q_len = q_len[query_of_row]
+    q_keep = np.minimum(row_q_len, query_max_length)
+    room = np.maximum(max_length - q_keep - t.num_special, 0)
+    d_keep = np.minimum(d_len, room)
+    truncated = (row_q_len > query_max_length) | (d_len > room)
+    lengths = (t.num_special + q_keep + d_keep).astype(np.int32)
+    # Every pair is five runs of one source array (special tokens, then all query ids, then
+    # all document ids): prefix, query, middle, document, suffix. Each output position
+    # reads source[run start + its place in the run], computed for all positions at once.
+    specials = np.array(t.prefix + t.middle + t.suffix, dtype=np.int32)
+    source = np.concatenate([specials, q_flat, d_flat])
+    n_pre, n_mid, n_suf = len(t.prefix), len(t.middle), len(t.suffix)
+    run_start = np.empty((rows, 5), dtype=np.int64)
+    run_start[:, 0] = 0
+    run_start[:, 1] = len(specials) + _starts(q_len)[query_of_row]
+    run_start[:, 2] = n_pre
+    run_start[:, 3] = len(specials) + len(q_flat) + _starts(d_len)
+    run_start[:, 4] = n_pre + n_mid
+    run_len = np.empty((rows, 5), dtype=np.int64)
+    run_len[:, 0], run_len[:, 1], run_len[:, 2] = n_pre, q_keep, n_mid
+    run_len[:, 3], run_len[:, 4] = d_keep, n_suf
+    run_len = run_len.ravel()
+    total = int(run_len.sum())
+    gather = np.repeat(run_start.ravel() - _starts(run_len), run_len)
+    gather += np.arange(total, dtype=np.int64)
+    ids = source[gather]
+    types = np.zeros(0, dtype=np.int8)
+    if with_types:
+        type_source = np.concatenate(
+            [
+                np.array(t.prefix_types + t.middle_types + t.suffix_types, dtype=np.int8),
+                np.full(len(q_flat), t.query_type, dtype=np.int8),
+                np.full(len(d_flat), t.doc_type, dtype=np.int8),
+            ]
+        )
+        types = type_source[gather]
+    return ids, types, lengths, truncated
+
+
 class TokenizeStage:
     """Ray Data stage (callable class): canonical pair rows -> rows with token ids.
 
@@ -137,8 +213,6 @@ class TokenizeStage:
     use them), ``num_tokens``, ``truncated`` and ``reject_reason``; drops the text columns
     listed in ``drop_columns`` once they are tokenized. One output row per input row.
     """
-
-    distinct_queries = True  # tokenize each distinct query text once per block (bench toggles)
 
     def __init__(
         self,
@@ -242,54 +316,25 @@ class TokenizeStage:
 
         Returns flat ids (int32), flat type ids (int8), per-pair lengths and truncated flags.
         """
-        t = self.template
         qmax, max_length = self.query_max_length, self.max_length
+        with_types = self.with_token_type_ids
         if not queries:
-            empty = np.zeros(0, dtype=np.int32)
-            return empty, empty.astype(np.int8), empty, np.zeros(0, dtype=bool)
-        # One token past each limit tells whether the text was cut, at no extra cost.
+            return assemble_pairs(self.template, [], np.zeros(0, np.int64), [], 0, 0, with_types)
         # A query comes with many candidates (often all of them in one block): each distinct
-        # query text is tokenized once per block.
-        distinct = list(dict.fromkeys(queries)) if self.distinct_queries else queries
-        if len(distinct) < len(queries):
-            by_text = dict(zip(distinct, self._ids(distinct, qmax + 1), strict=True))
-            q_ids = [by_text[q] for q in queries]
-        else:
-            q_ids = self._ids(queries, qmax + 1)
-        d_ids = self._ids(docs, max_length + 1)
-        flat: list[int] = []
-        flat_types: list[int] = []
-        lengths = np.empty(len(queries), dtype=np.int32)
-        truncated = np.zeros(len(queries), dtype=bool)
-        prefix, middle, suffix = list(t.prefix), list(t.middle), list(t.suffix)
-        num_special = t.num_special
-        for i, (q, d) in enumerate(zip(q_ids, d_ids, strict=True)):
-            if len(q) > qmax:
-                q = q[:qmax]
-                truncated[i] = True
-            room = max(max_length - len(q) - num_special, 0)
-            if len(d) > room:
-                d = d[:room]
-                truncated[i] = True
-            flat += prefix
-            flat += q
-            flat += middle
-            flat += d
-            flat += suffix
-            lengths[i] = num_special + len(q) + len(d)
-            if self.with_token_type_ids:
-                flat_types += t.prefix_types
-                flat_types += [t.query_type] * len(q)
-                flat_types += t.middle_types
-                flat_types += [t.doc_type] * len(d)
-                flat_types += t.suffix_types
-        ids = np.asarray(flat, dtype=np.int32)
-        types = (
-            np.asarray(flat_types, dtype=np.int8)
-            if self.with_token_type_ids
-            else np.zeros(0, dtype=np.int8)
+        # query text is tokenized once per block, and each pair takes its query's ids by index.
+        encoded = pa.array(queries, pa.string()).dictionary_encode()
+        distinct = encoded.dictionary.to_pylist()
+        query_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        # One token past each limit tells whether the text was cut, at no extra cost.
+        return assemble_pairs(
+            self.template,
+            self._ids(distinct, qmax + 1),
+            query_of_row,
+            self._ids(docs, max_length + 1),
+            max_length,
+            qmax,
+            with_types,
         )
-        return ids, types, lengths, truncated
 
     def _ids(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids of each text, no special tokens, cut at ``max_length`` tokens."""
@@ -299,10 +344,10 @@ class TokenizeStage:
             )["input_ids"]
         # What the HF call above does for a fast tokenizer, without building a BatchEncoding
         # of Python lists (ids, attention mask, type ids) per text, and through the Rust
-        # tokenizer's batch call that skips offset tracking where it has one. With distinct
-        # queries tokenized once, 1.3-2.5x the stage's rate with identical ids
-        # (bench/tokenize_rate.py). Same truncation side and special-token splitting as the
-        # HF call; padding is off (set once in _raw_rust_tokenizer).
+        # tokenizer's batch call that skips offset tracking where it has one (measured in
+        # bench/README.md, "Tokenize stage on one core"). Same truncation side and
+        # special-token splitting as the HF call; padding is off (set once in
+        # _raw_rust_tokenizer).
         raw = self._raw
         split_special = self._split_special_tokens
         if raw.encode_special_tokens != split_special:

@@ -1,11 +1,12 @@
 """The tokenize stage builds the same ids as FlagReranker's id-level algorithm."""
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
 from rerank_ray import schema
-from rerank_ray.tokenize import TokenizeStage
+from rerank_ray.tokenize import PairTemplate, TokenizeStage, assemble_pairs
 
 PAIRS = [
     ("what is the capital of france", "paris is the capital and most populous city of france"),
@@ -72,6 +73,119 @@ def test_truncation_matches_flagreranker_algorithm(kind, request):
             assert out[schema.TOKEN_TYPE_IDS][row].as_py() == types, row
     assert out[schema.TRUNCATED].to_pylist() == [True, True, True, False]
     assert max(out[schema.NUM_TOKENS].to_pylist()) <= max_length
+
+
+def reference_truncated(tok, query, doc, pair_ids, qmax):
+    """Whether the reference pair lost tokens: the query past qmax, or any document token."""
+    backend = tok.backend_tokenizer
+    n_q = len(backend.encode(query, add_special_tokens=False).ids)
+    n_d = len(backend.encode(doc, add_special_tokens=False).ids)
+    untruncated = min(n_q, qmax) + n_d + backend.num_special_tokens_to_add(True)
+    return n_q > qmax or len(pair_ids) < untruncated
+
+
+@pytest.mark.parametrize("kind", ["tiny_model_dir", "tiny_bert_dir"])
+def test_per_query_block_matches_the_per_pair_reference(kind, request):
+    """A block as the job sees it: queries repeated over many documents (not contiguous),
+    long queries, long documents and both, a text with no tokens, and rejected rows in
+    between. Every row equals its own pair built by the tokenizer (ids, token types,
+    num_tokens, truncated); each distinct query is tokenized once."""
+    model_dir = request.getfixturevalue(kind)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    long_q = " ".join(["how do solar panels produce electricity"] * 4)
+    long_d = " ".join(["paris is the capital and most populous city of france"] * 6)
+    queries = [PAIRS[0][0], PAIRS[1][0], long_q, PAIRS[2][0]]
+    docs = [PAIRS[0][1], PAIRS[1][1], long_d, PAIRS[2][1] + " berlin", "\u200b", long_d + " x"]
+    rows = [(queries[(i * 3) % 4], docs[(i * 5) % 6]) for i in range(24)]
+    rejected = {3: ("query", None), 8: ("doc", "   "), 15: ("query_id", None), 20: ("doc", "")}
+    batch = table(rows).to_pydict()
+    for row, (column, value) in rejected.items():
+        batch[column][row] = value
+    batch = pa.table(batch)
+    max_length, qmax = 40, 12
+    stage = TokenizeStage(str(model_dir), max_length=max_length, query_max_length=qmax)
+    calls = []
+    ids_of = stage._ids
+    stage._ids = lambda texts, limit: calls.append(list(texts)) or ids_of(texts, limit)
+    out = stage(batch)
+    assert out.num_rows == batch.num_rows
+    scorable = [i for i in range(len(rows)) if i not in rejected]
+    assert sorted(calls[0]) == sorted({rows[i][0] for i in scorable})  # each query once
+    assert calls[1] == [rows[i][1] for i in scorable]
+    with_types = schema.TOKEN_TYPE_IDS in out.column_names
+    cut = {"query": 0, "doc": 0}
+    for row, (q, d) in enumerate(rows):
+        got_ids = out[schema.INPUT_IDS][row].as_py()
+        if row in rejected:
+            assert out[schema.REJECT_REASON][row].as_py() is not None, row
+            assert got_ids == [] and out[schema.NUM_TOKENS][row].as_py() == 0, row
+            assert out[schema.TRUNCATED][row].as_py() is False, row
+            continue
+        ids, types = reference_ids(tok, q, d, max_length, qmax)
+        assert out[schema.REJECT_REASON][row].as_py() is None, row
+        assert got_ids == ids, row
+        if with_types:
+            assert out[schema.TOKEN_TYPE_IDS][row].as_py() == types, row
+        assert out[schema.NUM_TOKENS][row].as_py() == len(ids), row
+        truncated = reference_truncated(tok, q, d, ids, qmax)
+        assert out[schema.TRUNCATED][row].as_py() is truncated, row
+        cut["query"] += q == long_q
+        cut["doc"] += truncated and q != long_q
+    # The block holds every case this test is about.
+    assert cut["query"] >= 2 and cut["doc"] >= 2
+    assert any(q == long_q and d.startswith(long_d) for q, d in (rows[i] for i in scorable))
+    assert with_types == (kind == "tiny_bert_dir")
+
+
+def test_assemble_pairs_by_hand():
+    """The numpy assembly on a template with a two-token middle and token types: queries
+    shared by rows out of order, a query and a document cut, a document cut to nothing, a
+    document with no tokens."""
+    template = PairTemplate(
+        prefix=(1,),
+        middle=(2, 2),
+        suffix=(3,),
+        prefix_types=(0,),
+        middle_types=(0, 1),
+        suffix_types=(1,),
+        query_type=0,
+        doc_type=1,
+    )
+    query_ids = [[10, 11, 12], [20]]
+    doc_ids = [[30, 31], [40, 41, 42, 43, 44], [], [50, 51], [60]]
+    query_of_row = np.array([1, 0, 1, 0, 1])
+    # max_length 8, 4 special tokens: a 2-token query (cut from 3) leaves 2 document tokens.
+    ids, types, lengths, truncated = assemble_pairs(
+        template, query_ids, query_of_row, doc_ids, max_length=8, query_max_length=2,
+        with_types=True,
+    )  # fmt: skip
+    want = [
+        [1, 20, 2, 2, 30, 31, 3],
+        [1, 10, 11, 2, 2, 40, 41, 3],
+        [1, 20, 2, 2, 3],
+        [1, 10, 11, 2, 2, 50, 51, 3],
+        [1, 20, 2, 2, 60, 3],
+    ]
+    want_types = [
+        [0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1],
+    ]
+    assert lengths.tolist() == [len(w) for w in want]
+    assert ids.tolist() == [t for w in want for t in w]
+    assert types.tolist() == [t for w in want_types for t in w]
+    assert truncated.tolist() == [False, True, False, True, False]
+    assert ids.dtype == np.int32 and types.dtype == np.int8 and lengths.dtype == np.int32
+    # A query that fills max_length leaves no room: the document is cut to nothing.
+    ids, types, lengths, truncated = assemble_pairs(
+        template, [[10, 11, 12, 13]], np.array([0, 0]), [[30], []], max_length=8,
+        query_max_length=4, with_types=False,
+    )  # fmt: skip
+    assert ids.tolist() == [1, 10, 11, 12, 13, 2, 2, 3] * 2
+    assert lengths.tolist() == [8, 8] and truncated.tolist() == [True, False]
+    assert types.size == 0
 
 
 def test_bad_rows_are_rejected_with_reasons_and_kept(tiny_model_dir):
