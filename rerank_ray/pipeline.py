@@ -47,6 +47,7 @@ def run(
         cache_dir=cfg.model_cache_dir,
         allow_pickle_weights=cfg.allow_pickle_weights,
     )
+    storage.check_max_length(model_dir, cfg.max_length)
     # Hashing the weights (GBs) is only needed for the manifest: it runs in a thread while
     # the job starts its actors, and is joined when the manifest is written.
     fingerprint = _in_thread(storage.weights_fingerprint, model_dir)
@@ -171,7 +172,16 @@ def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t
             # shards, hundreds of times fewer files.
             ds = ds.drop_columns([sink.SOURCE_COLUMN])
         ds = transform(ds)
-    ds.write_datasink(out)
+    try:
+        ds.write_datasink(out)
+    except Exception as err:
+        # A data page that does not decode fails a read task, and Ray's error names no file.
+        if (bad := source.find_unreadable_shard(plan, todo)) is None:
+            raise
+        raise source.InputError(
+            f"Input file {bad[0]} {bad[1]}. Replace or remove the shard, then rerun with the "
+            f"same --run-id {cfg.run_id}: finished shards are kept."
+        ) from err
     if out.manifest is None:
         raise RuntimeError("The write finished without committing a manifest.")
     return out.manifest

@@ -89,7 +89,7 @@ class ScoreStage:
                 concurrent=concurrent_calls,
             )
         # Halved on CUDA OOM (autotune.score_microbatches), never below one full pair.
-        self.budget = TokenBudget(token_budget or CPU_TOKEN_BUDGET, floor=max_length)
+        self.budget = TokenBudget(token_budget or max(CPU_TOKEN_BUDGET, max_length), max_length)
         # Where the actor's set-up time went (traced by the pipeline; bench/ reports it).
         self.setup_seconds = {
             "load_model": round(t_loaded - t0, 2),
