@@ -176,12 +176,8 @@ def _score_and_commit(cfg, s3, plan, fingerprint, transform, filtered_reasons, t
         ds.write_datasink(out)
     except Exception as err:
         # A data page that does not decode fails a read task, and Ray's error names no file.
-        if (bad := source.find_unreadable_shard(plan, todo)) is None:
-            raise
-        raise source.InputError(
-            f"Input file {bad[0]} {bad[1]}. Replace or remove the shard, then rerun with the "
-            f"same --run-id {cfg.run_id}: finished shards are kept."
-        ) from err
+        source.raise_if_unreadable(plan, todo, cfg.run_id, err)
+        raise
     if out.manifest is None:
         raise RuntimeError("The write finished without committing a manifest.")
     return out.manifest

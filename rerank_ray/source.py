@@ -143,6 +143,10 @@ def read_dataset(plan: SourcePlan, cfg: JobConfig, paths: list[str] | None = Non
             ctx.use_datasource_v2 = False
         try:
             ds = ray.data.read_parquet(paths, columns=list(plan.schema.names), **common)
+        except Exception as err:
+            # Ray decodes the first rows of some shards here to size its blocks.
+            raise_if_unreadable(plan, paths, cfg.run_id, err)
+            raise
         finally:
             if use_v2 is not None:
                 ctx.use_datasource_v2 = use_v2
@@ -171,6 +175,20 @@ def find_unreadable_shard(plan: SourcePlan, paths: Iterable[str]) -> tuple[str, 
                 pool.shutdown(wait=True, cancel_futures=True)
                 return storage.display(plan.uri, path), problem
     return None
+
+
+def raise_if_unreadable(
+    plan: SourcePlan, paths: Iterable[str], run_id: str | None, cause: BaseException
+) -> None:
+    """After ``cause`` failed a read of ``paths``: raise ``InputError`` (from ``cause``) naming
+    the first shard that does not decode (``find_unreadable_shard``) and the fix; return if
+    none is, for the caller to re-raise ``cause``."""
+    bad = find_unreadable_shard(plan, paths)
+    if bad is not None:
+        raise InputError(
+            f"Input file {bad[0]} {bad[1]}. Replace or remove the shard, then rerun with the "
+            f"same --run-id {run_id}: finished shards are kept."
+        ) from cause
 
 
 class _BadContent(Exception):
@@ -277,8 +295,8 @@ def _utf8_problem(data: pa.Buffer) -> str | None:
 
 
 def _describe(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
 def _check_no_clash(

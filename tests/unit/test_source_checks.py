@@ -145,11 +145,19 @@ def test_a_clash_in_a_later_shard_names_that_shard(tmp_path):
 # --- shards whose data pages do not decode --------------------------------------------------
 
 
-def corrupt_parquet(path: Path, table: pa.Table, where: str) -> None:
-    """Write ``table`` uncompressed and overwrite 32 bytes of the ``doc`` column chunk: at its
-    first page header ("header") or in its middle ("middle", the text values)."""
-    pq.write_table(table, path, compression="none", use_dictionary=False)
-    chunk = pq.ParquetFile(path).metadata.row_group(0).column(table.schema.get_field_index("doc"))
+def corrupt_parquet(path: Path, table: pa.Table, where: str, row_group: int = 0) -> None:
+    """Write ``table`` uncompressed in two row groups and overwrite 32 bytes of the ``doc``
+    column chunk of ``row_group``: at its first page header ("header") or in its middle
+    ("middle", the text values). The footer stays intact."""
+    pq.write_table(
+        table,
+        path,
+        compression="none",
+        use_dictionary=False,
+        row_group_size=-(-table.num_rows // 2),
+    )
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    chunk = meta.column(table.schema.get_field_index("doc"))
     offset = chunk.data_page_offset
     if where == "middle":
         offset += chunk.total_compressed_size // 2
