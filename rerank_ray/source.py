@@ -182,13 +182,31 @@ def raise_if_unreadable(
 ) -> None:
     """After ``cause`` failed a read of ``paths``: raise ``InputError`` (from ``cause``) naming
     the first shard that does not decode (``find_unreadable_shard``) and the fix; return if
-    none is, for the caller to re-raise ``cause``."""
+    none is, for the caller to re-raise ``cause``.
+
+    Shards are only read when ``cause`` could come from bad data (an I/O, Arrow or text
+    decoding error, possibly wrapped by Ray): after an out-of-memory error or a lost actor,
+    reading a large input again on the driver would only delay the real message.
+    """
+    if not _may_be_bad_data(cause):
+        return
     bad = find_unreadable_shard(plan, paths)
     if bad is not None:
         raise InputError(
             f"Input file {bad[0]} {bad[1]}. Replace or remove the shard, then rerun with the "
             f"same --run-id {run_id}: finished shards are kept."
         ) from cause
+
+
+def _may_be_bad_data(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (OSError, pa.ArrowException, UnicodeError)):
+            return True  # Ray's RayTaskError(OSError) is an OSError too
+        seen.add(id(err))
+        # RayTaskError keeps the task's exception in ``cause``; a UDF's error is chained.
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    return False
 
 
 class _BadContent(Exception):

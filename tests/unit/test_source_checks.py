@@ -248,3 +248,33 @@ def test_cpu_token_budget_grows_to_a_max_length_above_8192(tmp_path):
     assert CPU_TOKEN_BUDGET < 9000 == stage.budget.value
     assert ScoreStage(str(model_dir), device="cpu").budget.value == CPU_TOKEN_BUDGET
     shutil.rmtree(model_dir)
+
+
+def chained(outer: Exception, inner: Exception) -> Exception:
+    """``outer`` raised from ``inner``, as Ray wraps a UDF's error."""
+    try:
+        try:
+            raise inner
+        except type(inner) as err:
+            raise outer from err
+    except type(outer) as err:
+        return err
+
+
+def test_raise_if_unreadable_reads_shards_only_after_an_error_bad_data_can_cause(tmp_path):
+    inp = tmp_path / "in"
+    bad = inp / "part-0.parquet"
+    inp.mkdir()
+    corrupt_parquet(bad, make_pairs(100), "middle")
+    source_plan = plan(inp)
+    text_error = chained(
+        RuntimeError("UDF failed"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x")
+    )
+    for cause in (OSError("read task failed"), text_error):
+        with pytest.raises(InputError, match=f"Input file {bad} has data") as info:
+            source.raise_if_unreadable(source_plan, source_plan.paths, "r1", cause)
+        assert info.value.__cause__ is cause
+        assert "rerun with the same --run-id r1" in str(info.value)
+    # An out-of-memory error or a lost actor says nothing about the data: no scan, no blame.
+    source.raise_if_unreadable(source_plan, source_plan.paths, "r1", MemoryError("oom"))
+    source.raise_if_unreadable(source_plan, source_plan.paths, "r1", RuntimeError("actor died"))
