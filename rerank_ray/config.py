@@ -164,7 +164,8 @@ class JobConfig:
         if self.token_budget is not None and self.token_budget < self.max_length:
             raise ConfigError(
                 f"`token_budget` ({self.token_budget}) is below `max_length` ({self.max_length}): "
-                "one full-length pair must fit in a forward pass."
+                "one full-length pair must fit in a forward pass. Pass --token-budget "
+                f"{self.max_length} or more, or --max-length {self.token_budget} or less."
             )
         if self.run_date is not None:
             try:

@@ -47,6 +47,7 @@ def run(
     config: JobConfig,
     transform: Transform | None = None,
     filtered_reasons: tuple[str, ...] = (),
+    reserved_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run a rerank job and return its manifest (also written as ``<output>/_SUCCESS``).
 
@@ -54,6 +55,7 @@ def run(
     non-null ``reject_reason``) before it is written; job modes use it to rank or label.
     Rows the transform marks with a reason in ``filtered_reasons`` are counted in the
     manifest but not written (a nightly top-k drops most candidates on purpose).
+    ``reserved_columns``: columns the transform adds, refused up front as input columns.
     Everything that can be checked before scoring is checked first, so bad input, bad
     credentials or an unwritable output fail in seconds, not after the model has loaded.
     """
@@ -61,9 +63,10 @@ def run(
     cfg = config.with_defaults_resolved()
     s3 = s3_settings(cfg)
     out = OutputLocation(cfg.output, s3, cfg.run_id)
-    plan = source.plan_source(cfg, s3)
+    plan = source.plan_source(cfg, s3, reserved_columns)
     out.check_writable()
     model_dir = _resolve_model(cfg, s3)
+    storage.check_max_length(model_dir, cfg.max_length)
     # Hashing the weights (GBs) is only needed for the manifest: it runs in a thread while
     # the job starts its actors, and is joined when the manifest is written.
     fingerprint = _in_thread(storage.weights_fingerprint, model_dir)
@@ -147,7 +150,12 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
             # task and flush instead of one per (write task x input shard).
             ds = ds.drop_columns([SOURCE_COLUMN])
         ds = transform(ds)
-    ds.write_datasink(sink)
+    try:
+        ds.write_datasink(sink)
+    except Exception as err:
+        # A data page that does not decode fails a read task, and Ray's error names no file.
+        source.raise_if_unreadable(plan, todo, cfg.run_id, err)
+        raise
     if sink.manifest is None:
         raise RuntimeError("The write finished without committing a manifest.")
     return sink.manifest

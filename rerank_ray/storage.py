@@ -200,6 +200,46 @@ def check_weights(local: Path, allow_pickle_weights: bool, source: str) -> None:
         )
 
 
+# Model types whose position ids start after the pad id (HF's RobertaEmbeddings and its
+# copies): position i uses row pad_token_id + 1 + i of the position embeddings.
+_POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert")
+
+
+def check_max_length(model_dir: Path, max_length: int) -> None:
+    """Raise ``ModelLoadError`` if pairs of ``max_length`` tokens need more positions than the
+    model has (its forward would fail with an index error on the first long pair).
+
+    Usable positions are ``max_position_embeddings`` from ``config.json`` minus the position
+    offset (``pad_token_id + 1`` for XLM-R/RoBERTa, 0 for BERT). Models without that key, or
+    with relative positions (DeBERTa without absolute ones, ``position_embedding_type``
+    other than absolute), are not checked.
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # the model's loader reports an unreadable config in its own words
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or isinstance(positions, bool):
+        return
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        return
+    model_type = config.get("model_type", "")
+    if model_type.startswith("deberta") and not config.get("position_biased_input", True):
+        return
+    offset = 0
+    if model_type in _POSITIONS_AFTER_PAD:
+        offset = int(config.get("pad_token_id") or 0) + 1
+    usable = positions - offset
+    if max_length > usable:
+        raise ModelLoadError(
+            f"max_length {max_length} exceeds the model's {usable} usable positions "
+            f"(max_position_embeddings {positions} in {path}"
+            + (f", minus {offset} for the {model_type} position offset" if offset else "")
+            + f"): pass --max-length {usable} or less."
+        )
+
+
 def weights_fingerprint(local: Path) -> str:
     """sha256 over the weight files' names and contents: which weights produced the scores."""
     digest = hashlib.sha256()

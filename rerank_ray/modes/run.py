@@ -26,8 +26,8 @@ from rerank_ray.config import ConfigError, JobConfig
 from rerank_ray.modes import exports
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.groups import labeling_group, nightly_group
-from rerank_ray.modes.labeling import label_stats
-from rerank_ray.modes.ranking import nightly_stats
+from rerank_ray.modes.labeling import MODE_FIELDS, label_stats
+from rerank_ray.modes.ranking import RANK_COLUMNS, nightly_stats
 from rerank_ray.modes.report import histogram_png, score_report
 from rerank_ray.sink.location import OutputLocation, make_dirs, write_bytes
 
@@ -63,6 +63,7 @@ class Mode:
     finish: Callable[[OutputLocation, dict[str, Any], pa.Table, Any], dict[str, Any]]
     filtered_reasons: tuple[str, ...] = ()
     check: Callable[[JobConfig, Any], None] | None = None  # before anything runs
+    columns: tuple[str, ...] = ()  # the columns the mode adds (refused as input columns)
 
 
 def run_mode(mode: Mode, job: JobConfig, cfg: Any) -> dict[str, Any]:
@@ -75,6 +76,7 @@ def run_mode(mode: Mode, job: JobConfig, cfg: Any) -> dict[str, Any]:
         job,
         transform=per_query(lambda table: mode.group(table, cfg)),
         filtered_reasons=mode.filtered_reasons,
+        reserved_columns=mode.columns,
     )
     out = pipeline.output_location(job)
     table = read_committed(out, manifest)
@@ -143,6 +145,7 @@ NIGHTLY = Mode(
     group=nightly_group,
     finish=_finish_nightly,
     filtered_reasons=(schema.RejectReason.BELOW_TOP_K,),
+    columns=RANK_COLUMNS,
 )
 LABELING = Mode(
     name="labeling",
@@ -152,6 +155,7 @@ LABELING = Mode(
     group=labeling_group,
     finish=_finish_labeling,
     check=_check_labeling,
+    columns=tuple(f.name for f in MODE_FIELDS),
 )
 MODES = {mode.name: mode for mode in (NIGHTLY, LABELING)}
 
