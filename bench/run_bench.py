@@ -44,20 +44,6 @@ from rerank_ray.packing import (  # noqa: E402
 from rerank_ray.runners import RunnerOptions  # noqa: E402
 from rerank_ray.runners.packed import PackedEncoder, kernel_options  # noqa: E402
 
-BGE_M3_CONFIG = dict(
-    vocab_size=250002,
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    max_position_embeddings=8194,
-    type_vocab_size=1,
-    pad_token_id=1,
-    bos_token_id=0,
-    eos_token_id=2,
-    layer_norm_eps=1e-5,
-    num_labels=1,
-)
 SECTIONS = (
     "matmul",
     "correctness",
@@ -123,11 +109,13 @@ def score_rows(runner, ids_flat, offsets, budget: TokenBudget, *, padded=False, 
 
 
 def build_model(dtype=torch.float32):
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaForSequenceClassification
+
+    from rerank_ray.tiny_model import BGE_M3_SHAPE, xlmr_config
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**BGE_M3_CONFIG))
+        model = XLMRobertaForSequenceClassification(xlmr_config(**BGE_M3_SHAPE))
     return model.to(dtype).eval()
 
 

@@ -126,10 +126,10 @@ def save_unigram_tokenizer(path: Path, texts: list[str], vocab_size: int) -> int
         models,
         normalizers,
         pre_tokenizers,
-        processors,
         trainers,
     )
-    from transformers import PreTrainedTokenizerFast
+
+    from rerank_ray.tiny_model import xlmr_tokenizer
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok = Tokenizer(models.Unigram())
@@ -142,22 +142,8 @@ def save_unigram_tokenizer(path: Path, texts: list[str], vocab_size: int) -> int
         texts,
         trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>"),
     )
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)],
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_input_names=["input_ids", "attention_mask"],
-        model_max_length=512,
+    xlmr_tokenizer(
+        tok, model_input_names=["input_ids", "attention_mask"], model_max_length=512
     ).save_pretrained(path)
     return tok.get_vocab_size()
 

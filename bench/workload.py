@@ -87,30 +87,16 @@ def make_workload(
 
 def save_synthetic_tokenizer(path: str) -> None:
     """Write a fast tokenizer for the ``w<id>`` vocabulary, loadable with AutoTokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from rerank_ray.tiny_model import xlmr_tokenizer
 
     vocab = {"<s>": BOS, "<pad>": PAD, "</s>": EOS, "<unk>": UNK}
     vocab.update({f"w{i}": i for i in range(FIRST_WORD_ID, VOCAB_SIZE - 1)})
     vocab["<mask>"] = VOCAB_SIZE - 1
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", BOS), ("</s>", EOS)],
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=512,
-    )
+    fast = xlmr_tokenizer(tok, model_max_length=512)
     fast.save_pretrained(path)
 
 

@@ -25,6 +25,66 @@ SAMPLE_TEXTS = [
 ]
 
 
+# The test models' shape: two layers, hidden size 32.
+TINY_SHAPE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+# bge-reranker-v2-m3's shape (XLM-RoBERTa large): for benchmarks, with random weights.
+BGE_M3_SHAPE = {
+    "vocab_size": 250002,
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+    "max_position_embeddings": 8194,
+}
+
+
+def xlmr_config(**shape):
+    """An ``XLMRobertaConfig`` with bge-reranker-v2-m3's special ids, LayerNorm eps and one
+    output label; ``shape`` sets the sizes (tiny by default, ``BGE_M3_SHAPE`` full size)."""
+    from transformers import XLMRobertaConfig
+
+    sizes = {"vocab_size": 400, **TINY_SHAPE, "max_position_embeddings": 520, **shape}
+    return XLMRobertaConfig(
+        **sizes,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        num_labels=1,
+    )
+
+
+def xlmr_tokenizer(tok, **kwargs):
+    """A ``PreTrainedTokenizerFast`` around a ``tokenizers.Tokenizer`` whose vocabulary starts
+    ``<s> <pad> </s> <unk>``: XLM-R's special tokens and pair template
+    (``<s> A </s></s> B </s>``)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", 0), ("</s>", 2)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        **kwargs,
+    )
+
+
 def build_tiny_reranker(
     out_dir: str | Path,
     kind: str = "xlm-roberta",
@@ -39,7 +99,6 @@ def build_tiny_reranker(
         BertConfig,
         BertForSequenceClassification,
         PreTrainedTokenizerFast,
-        XLMRobertaConfig,
         XLMRobertaForSequenceClassification,
     )
 
@@ -54,35 +113,9 @@ def build_tiny_reranker(
         tok.train_from_iterator(
             texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
         )
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>",
-            pair="<s> $A </s> </s> $B </s>",
-            special_tokens=[("<s>", 0), ("</s>", 2)],
-        )
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<s>",
-            eos_token="</s>",
-            sep_token="</s>",
-            cls_token="<s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            mask_token="<mask>",
-            model_input_names=["input_ids", "attention_mask"],
-        )
-        config = XLMRobertaConfig(
-            vocab_size=tok.get_vocab_size(),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=max_position_embeddings,
-            type_vocab_size=1,
-            pad_token_id=1,
-            bos_token_id=0,
-            eos_token_id=2,
-            layer_norm_eps=1e-5,
-            num_labels=1,
+        fast = xlmr_tokenizer(tok, model_input_names=["input_ids", "attention_mask"])
+        config = xlmr_config(
+            vocab_size=tok.get_vocab_size(), max_position_embeddings=max_position_embeddings
         )
         model_cls = XLMRobertaForSequenceClassification
     elif kind == "bert":
@@ -109,10 +142,7 @@ def build_tiny_reranker(
         )
         config = BertConfig(
             vocab_size=tok.get_vocab_size(),
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
+            **TINY_SHAPE,
             max_position_embeddings=max_position_embeddings,
             type_vocab_size=2,
             pad_token_id=0,

@@ -18,20 +18,18 @@ pytestmark = [
 
 
 def _model(dtype):
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaForSequenceClassification
+
+    from rerank_ray.tiny_model import xlmr_config
 
     torch.manual_seed(0)
-    cfg = XLMRobertaConfig(
+    cfg = xlmr_config(
         vocab_size=1000,
         hidden_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=1024,
         max_position_embeddings=514,
-        type_vocab_size=1,
-        pad_token_id=1,
-        layer_norm_eps=1e-5,
-        num_labels=1,
     )
     return XLMRobertaForSequenceClassification(cfg).to("cuda", dtype).eval()
 

@@ -8,11 +8,11 @@ import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    XLMRobertaConfig,
     XLMRobertaForSequenceClassification,
 )
 
 from rerank_ray.runners.packed import PackedEncoder
+from rerank_ray.tiny_model import xlmr_config
 
 VOCAB = 97
 
@@ -20,19 +20,12 @@ VOCAB = 97
 def _xlmr(hidden: int = 32) -> torch.nn.Module:
     """Tiny XLM-R, 4 heads (head size hidden / 4; the Triton attention needs >= 16)."""
     torch.manual_seed(0)
-    cfg = XLMRobertaConfig(
+    cfg = xlmr_config(
         vocab_size=VOCAB,
         hidden_size=hidden,
-        num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=2 * hidden,
         max_position_embeddings=66,
-        type_vocab_size=1,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        layer_norm_eps=1e-5,
-        num_labels=1,
     )
     return XLMRobertaForSequenceClassification(cfg).eval()
 
