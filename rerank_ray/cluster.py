@@ -1,13 +1,18 @@
 """Ray and its resources: join or start Ray, and size the actor pools to the cluster.
 
 The tokenize pool holds 1 CPU per actor and the scoring pool 1 CPU (plus 1 GPU on a GPU
-cluster) per actor; read and write tasks need CPUs of their own alongside them.
+cluster) per actor; read and write tasks need CPUs of their own alongside them. A job whose
+pools cannot all be placed would not wait but deadlock (the actors hold every CPU and the
+read task never starts), so a cluster that lacks the resources and cannot grow them is an
+error raised before any work is scheduled.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,45 +21,131 @@ from rerank_ray.errors import RerankError
 
 log = logging.getLogger("rerank_ray")
 
-TOKENIZE_ACTORS_PER_SCORER = 2
-# CPUs kept for read and write tasks, so reading and writing stream alongside scoring.
+# CPUs the default tokenize pool leaves to read and write tasks, so that reading and writing
+# stream alongside scoring.
 IO_CPUS = 2
+# With fewer free CPUs than this the read task never starts: the pools hold every CPU.
+MIN_IO_CPUS = 1
+# Seconds to wait for a TCP connection to the cluster's GCS before calling it unreachable.
+CONNECT_TIMEOUT_S = 5.0
 
 
 class ClusterError(RerankError, RuntimeError):
     """The Ray cluster cannot run this job as configured."""
 
 
-def tokenize_actors(cfg: JobConfig, scorers: int) -> int:
-    """Size of the tokenize pool: as configured, else ``TOKENIZE_ACTORS_PER_SCORER`` per scoring
-    actor, so the tokenize rate grows with the scoring pool."""
-    return cfg.tokenize_actors or TOKENIZE_ACTORS_PER_SCORER * scorers
+def tokenize_pool_bounds(scorers: int, cluster_cpus: float, pinned: int | None) -> tuple[int, int]:
+    """(min, max) size of the tokenize pool for ``scorers`` scoring actors (1 CPU each) on a
+    cluster of ``cluster_cpus`` CPUs; ``pinned`` (``--tokenize-actors``) fixes both.
+
+    Unpinned, the pool autoscales with demand between a floor of 1 tokenize actor per scoring
+    actor and every CPU the scoring actors and ``IO_CPUS`` leave; a floor that does not fit
+    shrinks to what fits (at least 1), so the pools never take the read and write tasks' CPUs.
+    """
+    if pinned is not None:
+        return pinned, pinned
+    ceiling = max(1, math.floor(cluster_cpus) - scorers - IO_CPUS)
+    return min(scorers, ceiling), ceiling
 
 
-def cpus_needed(cfg: JobConfig, gpus: float = 0) -> int:
-    """Logical CPUs the job's actor pools hold (1 each), plus ``IO_CPUS`` for read and write
-    tasks."""
-    scorers = cfg.num_actors or cfg.min_actors or max(int(gpus), 1)
-    return tokenize_actors(cfg, scorers) + scorers + IO_CPUS
+def capacity_shortfall(
+    *,
+    scorers: int,
+    tokenizers: int,
+    use_gpu: bool,
+    cpus: float,
+    gpus: float,
+    max_cpus: float | None,
+    max_gpus: float | None,
+) -> str | None:
+    """Why ``scorers`` scoring and ``tokenizers`` tokenize actors cannot all be placed, or
+    None when they fit. ``max_cpus``/``max_gpus``: the most the cluster's autoscaler can
+    reach (None: no autoscaler reported; the cluster stays as it is)."""
+    cpus_needed = scorers + tokenizers + MIN_IO_CPUS
+    reach_cpus = max(cpus, max_cpus or 0)
+    if cpus_needed > reach_cpus:
+        return (
+            f"this job needs {cpus_needed} CPUs ({scorers} scoring actor(s) + {tokenizers} "
+            f"tokenize actor(s), 1 CPU each, + at least {MIN_IO_CPUS} for the read and write "
+            f"tasks) but the Ray cluster has {cpus:g}"
+            + (f" and its autoscaler can reach {max_cpus:g}" if max_cpus else "")
+        )
+    reach_gpus = max(gpus, max_gpus or 0)
+    if use_gpu and scorers > reach_gpus:
+        return (
+            f"this job asks for {scorers} scoring actor(s), 1 GPU each, but the Ray cluster "
+            f"has {gpus:g} GPU(s)"
+            + (f" and its autoscaler can reach {max_gpus:g}" if max_gpus else "")
+        )
+    return None
+
+
+def _address_to_join() -> tuple[str, str] | None:
+    """(address, where it came from) of the cluster ``ray.init()`` would join, or None when
+    it would start a local instance: RAY_ADDRESS, else the ``ray_current_cluster`` file that
+    ``ray start`` leaves in Ray's temp dir (read by ``ray.init()`` the same way)."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env == "local":
+        return None
+    if env and env != "auto":
+        return env, "RAY_ADDRESS"
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            recorded = f.read().strip()
+    except FileNotFoundError:
+        return None
+    return (recorded, f"the file {path} (written by `ray start`)") if recorded else None
+
+
+def check_reachable(address: str, source: str) -> None:
+    """Raise ``ClusterError`` unless a TCP connection to ``address`` (the cluster's GCS)
+    opens within ``CONNECT_TIMEOUT_S``; Ray itself would retry for minutes in silence."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port (e.g. a Ray Client URL without a port): Ray reports it
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            return
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+    if source == "RAY_ADDRESS":
+        fix = (
+            "start the cluster (`ray start --head`), point RAY_ADDRESS at a running one, or "
+            "unset RAY_ADDRESS so that rerank-ray starts a local Ray instance"
+        )
+    else:
+        fix = (
+            "the head that wrote it is gone: delete that file so that rerank-ray starts a "
+            "local Ray instance, or start the cluster again (`ray start --head`)"
+        )
+    raise ClusterError(
+        f"Cannot reach the Ray cluster at {address} (from {source}): {reason} within "
+        f"{CONNECT_TIMEOUT_S:g} s. Fix: {fix}."
+    )
 
 
 def init_ray(cfg: JobConfig) -> None:
     """Join the cluster the environment names (``ray job submit``, RAY_ADDRESS, a local
-    ``ray start``), else start a local instance with at least the logical CPUs the job's
-    actors need; with fewer (e.g. on a 2-core machine) Ray would wait for CPUs forever."""
+    ``ray start``) after checking it answers, else start a local instance with at least the
+    logical CPUs the job's actors need; with fewer (e.g. on a 2-core machine) the pools
+    would hold every CPU and the read task would never start."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    found = _address_to_join()
+    if found is not None:
+        check_reachable(*found)
         ray.init(log_to_driver=True)
         return
-    try:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus_needed(cfg)), log_to_driver=True)
-    except ValueError as err:
-        if "existing cluster" not in str(err):
-            raise
-        ray.init(log_to_driver=True)  # found a cluster started with `ray start` here
+    scorers = cfg.num_actors or cfg.min_actors or 1
+    tokenizers = cfg.tokenize_actors or scorers
+    local_cpus = max(os.cpu_count() or 1, scorers + tokenizers + IO_CPUS)
+    ray.init(num_cpus=local_cpus, log_to_driver=True)
 
 
 @dataclass(frozen=True)
@@ -65,15 +156,36 @@ class Pools:
     score: Any  # ActorPoolStrategy
     tokenize: Any  # ActorPoolStrategy
     scorer_calls: int  # concurrent calls per scoring actor
-    cpus_needed: int
+    tokenize_bounds: tuple[int, int]  # (min, max) tokenize actors
+
+
+def _autoscaler_max() -> tuple[float | None, float | None]:
+    """(CPUs, GPUs) the cluster's autoscaler can reach, or (None, None) when the cluster
+    reports no autoscaler (e.g. a `ray start` cluster): the approach of Ray Train's check."""
+    import ray
+
+    try:
+        reach = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception as err:  # a private API: an unexpected answer only loses the hint
+        log.debug("no autoscaler limits from the cluster: %s", err)
+        return None, None
+    if not reach:
+        return None, None
+    return reach.get("CPU"), reach.get("GPU")
 
 
 def plan_pools(cfg: JobConfig) -> Pools:
-    """The scoring and tokenize pools for this cluster and config."""
+    """The scoring and tokenize pools for this cluster and config.
+
+    A fixed scoring pool (``--num-actors`` or the default) that the cluster cannot place,
+    now or through its autoscaler, raises ``ClusterError`` with the numbers and the fix; an
+    autoscaling pool (``--min-actors/--max-actors``) only warns, as its nodes may come.
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
-    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    resources = ray.cluster_resources() if ray.is_initialized() else {}
+    gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if cfg.device == "cuda" and gpus == 0:
         raise ClusterError(
@@ -91,34 +203,62 @@ def plan_pools(cfg: JobConfig) -> Pools:
         if calls > 1
         else {}
     )
-    if cfg.min_actors is not None:
+    autoscaling = cfg.min_actors is not None
+    if autoscaling:
+        scorers = cfg.min_actors
         score = ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors, **threads)
-        tokenize = (
-            ActorPoolStrategy(size=cfg.tokenize_actors)
-            if cfg.tokenize_actors
-            else ActorPoolStrategy(
-                min_size=tokenize_actors(cfg, cfg.min_actors),
-                max_size=tokenize_actors(cfg, cfg.max_actors),
-            )
-        )
-        n_tokenize = tokenize_actors(cfg, cfg.min_actors)
     else:
-        size = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
-        score = ActorPoolStrategy(size=size, **threads)
-        n_tokenize = tokenize_actors(cfg, size)
-        tokenize = ActorPoolStrategy(size=n_tokenize)
-    needed = cpus_needed(cfg, gpus if use_gpu else 0)
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < needed:
-        # Not an error: an autoscaling cluster may still add the nodes.
+        scorers = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
+        score = ActorPoolStrategy(size=scorers, **threads)
+    low, high = tokenize_pool_bounds(scorers, cpus, cfg.tokenize_actors)
+    if autoscaling and cfg.tokenize_actors is None:
+        high = max(high, cfg.max_actors)  # the cluster grows with the scoring pool
+    # Ray Data's autoscaler adds tokenize actors while blocks queue at their input and
+    # removes idle ones; a pinned size is one fixed pool.
+    tokenize = (
+        ActorPoolStrategy(size=low)
+        if low == high
+        else ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
+    )
+    max_cpus, max_gpus = _autoscaler_max()
+    problem = capacity_shortfall(
+        scorers=scorers,
+        tokenizers=low,
+        use_gpu=use_gpu,
+        cpus=cpus,
+        gpus=gpus,
+        max_cpus=max_cpus,
+        max_gpus=max_gpus,
+    )
+    if problem and not autoscaling:
+        raise ClusterError(
+            f"The Ray cluster cannot run this job: {problem}, and no autoscaler will add "
+            "them, so the job would wait forever. Fix: start the head with enough CPUs "
+            f"(`ray start --head --num-cpus {scorers + low + IO_CPUS}`), lower "
+            "--tokenize-actors / --num-actors, add nodes, or use --min-actors/--max-actors "
+            "on an autoscaling cluster."
+        )
+    if problem:
         log.warning(
-            "The Ray cluster has %g CPUs now, but this job's actors need %d (%d tokenize "
-            "actor(s) + the scoring actors, 1 CPU each, + %d for reading and writing). Unless "
-            "the cluster autoscales, lower --tokenize-actors / --num-actors or add CPUs: the "
-            "job waits until the resources exist.",
+            "The Ray cluster cannot place this job's actors yet: %s. The autoscaling pool "
+            "waits for the autoscaler to add nodes; without one, lower --min-actors / "
+            "--tokenize-actors or add nodes.",
+            problem,
+        )
+    elif cpus < scorers + low + IO_CPUS:
+        log.warning(
+            "The Ray cluster has %g CPUs: after %d scoring and %d tokenize actor(s), the read "
+            "and write tasks share %g CPU(s) and may slow the job; %d CPUs leave them %d.",
             cpus,
-            needed,
-            n_tokenize,
+            scorers,
+            low,
+            cpus - scorers - low,
+            scorers + low + IO_CPUS,
             IO_CPUS,
         )
-    return Pools(use_gpu, score, tokenize, calls, needed)
+    log.info(
+        "actor pools: %s scoring actor(s), %s tokenize actor(s)",
+        f"{cfg.min_actors}-{cfg.max_actors}" if autoscaling else scorers,
+        low if low == high else f"{low}-{high} (autoscaling)",
+    )
+    return Pools(use_gpu, score, tokenize, calls, (low, high))

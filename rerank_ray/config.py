@@ -93,8 +93,9 @@ class JobConfig:
     max_actors: int | None = _f(None, help="Autoscaling pool maximum (with min_actors).")
     tokenize_actors: int | None = _f(
         None,
-        help="Tokenizer actors (CPU, 1 core each) feeding the scoring pool; default 2 per "
-        "scoring actor (README: Size the pools).",
+        help="Tokenizer actors (CPU, 1 core each) feeding the scoring pool; default: "
+        "autoscaling with demand between 1 per scoring actor and the CPUs the cluster has "
+        "left (README: Size the pools).",
     )
     batch_rows: int = _f(2048, help="Rows per batch handed to each stage.")
     scorer_calls: int = _f(

@@ -7,6 +7,7 @@ writes it through the sink, which commits the run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -62,6 +63,11 @@ def run(
     t0 = time.time()
     cfg = config.with_defaults_resolved()
     s3 = s3_settings(cfg)
+    # The endpoint and region resolved here (flags, else the driver's AWS_ENDPOINT_URL(_S3)
+    # and AWS_REGION) go to every worker in the config: the workers of a cluster the job
+    # joins do not see the driver's environment. They are not secrets (credentials never
+    # enter the config), and the manifest's config records them.
+    cfg = dataclasses.replace(cfg, s3_endpoint_url=s3.endpoint_url, s3_region=s3.region)
     out = OutputLocation(cfg.output, s3, cfg.run_id)
     plan = source.plan_source(cfg, s3, reserved_columns)
     out.check_writable()
@@ -260,10 +266,14 @@ def _resolve_model(cfg: JobConfig, s3: storage.S3Settings):
 
 
 def summary_line(manifest: dict[str, Any]) -> str:
-    """One line for the end of a run."""
+    """One line for the end of a run, with the manifest's counts: every row read comes out
+    scored, rejected or (by a job mode) filtered; truncated rows are scored rows."""
+    filtered = manifest.get("rows_filtered") or 0
     return (
-        f"rerank-ray run {manifest['run_id']} committed: {manifest['rows_read']} rows read, "
-        f"{manifest['rows_scored']} scored, {manifest['rows_rejected']} rejected "
-        f"({manifest['rows_truncated']} truncated), {manifest['pairs_per_s']} pairs/s "
-        f"end to end, {manifest['wall_time_s']} s -> {manifest['output']}"
+        f"rerank-ray run {manifest['run_id']} committed: {manifest['rows_read']} rows read -> "
+        f"{manifest['rows_scored']} scored ({manifest['rows_truncated']} truncated), "
+        f"{manifest['rows_rejected']} rejected"
+        + (f", {filtered} filtered" if filtered else "")
+        + f"; {manifest['pairs_per_s']} scored pairs/s end to end, {manifest['wall_time_s']} s "
+        f"-> {manifest['output']}"
     )

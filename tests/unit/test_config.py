@@ -100,25 +100,6 @@ def test_resolved_defaults_are_fixed_once():
     assert cfg.with_defaults_resolved() == cfg
 
 
-@pytest.mark.parametrize(
-    "extra, gpus, tokenize, cpus",
-    [
-        ({}, 0, 2, 5),  # CPU run: one scoring actor, 2 tokenizers, + read and write
-        ({}, 4, 8, 14),  # default: 2 tokenizers per scoring actor (one per GPU)
-        ({"num_actors": 3}, 8, 6, 11),  # the pool size asked for, not the cluster's GPUs
-        ({"min_actors": 2, "max_actors": 6}, 8, 4, 8),  # autoscaling: sized at its minimum
-        ({"tokenize_actors": 5}, 4, 5, 11),  # an explicit size wins
-    ],
-)
-def test_tokenize_pool_follows_the_scoring_pool(extra, gpus, tokenize, cpus):
-    from rerank_ray.cluster import cpus_needed, tokenize_actors
-
-    cfg = JobConfig.from_dict({**BASE, **extra})
-    scorers = cfg.num_actors or cfg.min_actors or max(gpus, 1)
-    assert tokenize_actors(cfg, scorers) == tokenize
-    assert cpus_needed(cfg, gpus) == cpus
-
-
 def test_tokenize_actors_must_be_positive():
     with pytest.raises(ConfigError, match="tokenize_actors"):
         JobConfig.from_dict({**BASE, "tokenize_actors": 0})
