@@ -148,10 +148,11 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
     sink.started = t0
     if not todo:
         return sink.commit([])
+    checked = time.time()
     logs.quiet_ray_logs()
     cluster.init_ray(cfg)
     _set_ray_progress(logs.OUTPUT.ray_progress)
-    report = RunReport(cfg.run_id, t0, {"ray_ready": time.time()})
+    report = RunReport(cfg.run_id, t0, {"checks_done": checked, "ray_ready": time.time()})
     try:
         return _write(cfg, plan, out, todo, transform, sink, report, resumed.rows)
     finally:

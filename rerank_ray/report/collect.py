@@ -247,10 +247,18 @@ class RunMetrics:
             "started": self.started,
             "ended": ended,
             "throughput": self.series(ended),
+            # Every actor, an idle one too (no intervals), and its set-up span.
             "busy": {
                 f"{a.stage} {a.actor}": [[s - self.started, e - self.started] for s, e in a.busy]
                 for a in sorted(self.actors.values(), key=_order)
-                if a.busy
+            },
+            "setup": {
+                f"{a.stage} {a.actor}": [
+                    a.init["start"] - self.started,
+                    a.init["end"] - self.started,
+                ]
+                for a in self.actors.values()
+                if a.init
             },
             "gpu_samples": {
                 a.actor: [[t - self.started, u, m] for t, u, m in a.gpu_samples]

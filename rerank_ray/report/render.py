@@ -69,6 +69,9 @@ def busy_png(detail: dict[str, Any]) -> bytes:
     fig, ax = _figure(1.0 + 0.28 * max(len(rows), 3))
     for y, (name, intervals) in enumerate(reversed(rows)):
         stage = name.split(" ", 1)[0]
+        if name in detail.get("setup", {}):
+            start, end = detail["setup"][name]
+            ax.broken_barh([(start, end - start)], (y - 0.4, 0.8), color="#dddddd", hatch="//")
         ax.broken_barh(
             [(s, e - s) for s, e in intervals],
             (y - 0.4, 0.8),
@@ -77,7 +80,7 @@ def busy_png(detail: dict[str, Any]) -> bytes:
     ax.set_yticks(range(len(rows)), [n for n, _ in reversed(rows)], fontsize=7)
     ax.set_xlim(0, detail["ended"] - detail["started"])
     ax.set_xlabel("seconds since the run started")
-    ax.set_title("Busy time per actor (gaps are idle)")
+    ax.set_title("Busy time per actor (gaps are idle; hatched: actor set-up)")
     return _png(fig)
 
 
@@ -129,6 +132,7 @@ def startup_png(startup: dict[str, Any]) -> bytes:
 def startup_phases(startup: dict[str, Any]) -> list[tuple[str, float, float]]:
     """``(phase, start s, end s)`` from the run's start to the first scoring call's end."""
     points = [
+        ("up-front checks (input, output, model)", "checks_done"),
         ("Ray start", "ray_ready"),
         ("plan and schedule the scoring actor", "scoring_actor_process_start"),
         ("actor process start and imports", "scoring_actor_init_start"),
