@@ -74,9 +74,11 @@ class Progress:
         return self
 
     def stop(self) -> None:
-        """Draw the final state and end the line."""
+        """Draw the final state (printed also off a terminal) and end the line."""
         self._stop.set()
         self._thread.join(timeout=POLL_S * 5)
+        self._last_log = 0.0
+        self.update()
         if self.bar and self.last_line is not None:
             self.stream.write("\n")
             self.stream.flush()
