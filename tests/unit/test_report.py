@@ -136,7 +136,7 @@ def test_series_spreads_each_call_and_keeps_the_total():
     assert sum(series["pairs_per_s"]) * width == pytest.approx(197, rel=1e-3)
     assert sum(series["tokens_per_s"]) * width == pytest.approx(1970, rel=1e-3)
     # Nothing is scored in the first six seconds.
-    assert all(v == 0 for t, v in zip(series["t_s"], series["pairs_per_s"]) if t < 6)
+    assert all(v == 0 for t, v in zip(series["t_s"], series["pairs_per_s"], strict=True) if t < 6)
 
 
 def test_progress_counts_rows_through_scoring_and_rejects():
