@@ -255,3 +255,24 @@ def test_stderr_filter_drops_only_the_notice_line(tmp_path):
     err = done.stderr.decode()
     assert logs.CORE_WORKER_NOTICE.decode() not in err
     assert "real error\n" in err and "\rbar 1\rbar 2\n" in err and "warning via python" in err
+
+
+def test_output_flags_pick_one_level():
+    from rerank_ray.cli import build_parser, output_level
+
+    parser = build_parser()
+    assert output_level(parser.parse_args(["run"])) == "normal"
+    assert output_level(parser.parse_args(["--quiet", "run"])) == "quiet"
+    assert output_level(parser.parse_args(["--verbose", "run"])) == "verbose"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quiet", "--verbose", "run"])
+
+
+def test_readme_names_every_ray_metric():
+    from pathlib import Path
+
+    from rerank_ray.metrics import METRICS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for spec in METRICS:
+        assert f"| `{spec.name}` | {spec.kind}" in readme, spec.name
