@@ -189,10 +189,15 @@ def render(manifest: dict[str, Any], detail: dict[str, Any]) -> dict[str, bytes]
             ),
         )
     )
-    scorers = [a for a in m["actors"] if a["stage"] == "score"]
-    for a in scorers:
-        a["latency_p50_ms"] = a["forward_latency_ms"]["p50"]
-        a["latency_p95_ms"] = a["forward_latency_ms"]["p95"]
+    scorers = [
+        a
+        | {
+            "latency_p50_ms": a["forward_latency_ms"]["p50"],
+            "latency_p95_ms": a["forward_latency_ms"]["p95"],
+        }
+        for a in m["actors"]
+        if a["stage"] == "score"
+    ]
     scorer_table = _table(
         scorers,
         [

@@ -167,7 +167,9 @@ def _manifest(metrics):
 def test_render_writes_a_page_with_its_plots_inlined():
     m = _metrics()
     manifest = _manifest(m.summary(T0 + 12))
+    before = json.dumps(manifest)
     files = render(manifest, m.detail(T0 + 12))
+    assert json.dumps(manifest) == before  # the manifest is not changed
     page = files["report.html"].decode()
     for png in ("outcomes.png", "throughput.png", "busy.png", "latency.png", "startup.png"):
         assert files[png][:8] == b"\x89PNG\r\n\x1a\n"
