@@ -16,7 +16,6 @@ reads them).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
@@ -28,8 +27,6 @@ import pyarrow.compute as pc
 from rerank_ray import schema
 
 TRACE_ENV = "RERANK_RAY_TRACE_DIR"
-
-log = logging.getLogger(__name__)
 
 
 def collector_name(run_id: str) -> str:
@@ -133,11 +130,14 @@ class CallTrace:
         self._send(record)
 
     def _scorer_state(self) -> dict[str, Any]:
-        with self._lock:
-            batches, self._batches = self._batches, []
         budget = self._scorer.budget
-        self._inc("rerank_oom_backoffs", budget.halvings - self._halvings_sent)
-        self._halvings_sent = budget.halvings
+        with self._lock:  # a scoring actor may run calls in several threads
+            batches, self._batches = self._batches, []
+            new_halvings, self._halvings_sent = (
+                budget.halvings - self._halvings_sent,
+                budget.halvings,
+            )
+        self._inc("rerank_oom_backoffs", new_halvings)
         samples = self._gpu.drain()
         if samples and self._metrics is not None:
             self._metrics.set("rerank_gpu_utilization", samples[-1][1], actor=self.actor)
