@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -663,6 +664,13 @@ class Bench:
                         "input_generation_s": round(gen_s, 1),
                     }
                 )
+                # The large run's report (HTML + PNGs) next to the bench JSON, for docs/.
+                if walls.get("large_report"):
+                    name = (
+                        f"run-report-{gpus}gpu-b{batch_rows}-c{calls}-t{tok}-gelu{int(fast_gelu)}"
+                    )
+                    shutil.copytree(walls["large_report"], self.out / name, dirs_exist_ok=True)
+                    runs[-1]["run_report"] = name
                 print("job", runs[-1], flush=True)
                 self.report["job"] = runs[0] if len(runs) == 1 else runs
                 self.save()
@@ -680,7 +688,7 @@ class Bench:
         tokenize_actors: int | None,
         gpus: int,
         fast_gelu: bool,
-    ) -> dict[str, float]:
+    ) -> dict:
         import rerank_ray
 
         walls = {}
@@ -704,6 +712,8 @@ class Bench:
             manifest = rerank_ray.run(cfg)
             walls[name] = time.perf_counter() - t0
             print("job", name, n, round(walls[name], 1), manifest.get("rows_scored"), flush=True)
+            if manifest.get("report"):
+                walls[f"{name}_report"] = str(Path(cfg.output, manifest["report"]).parent)
             if manifest.get("rows_scored") != n:
                 raise RuntimeError(f"job scored {manifest.get('rows_scored')} of {n} rows")
         return walls

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rerank_ray import logs
 from rerank_ray.config import JobConfig
 from rerank_ray.errors import find_rerank_error
 
@@ -60,11 +61,34 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, extra_keys: set[str] | None = None) -> JobConfig:
     """Merge --config YAML and flags into a validated ``JobConfig``."""
-    skip = {"command", "config", "verbose", *(extra_keys or set())}
+    skip = {"command", "config", "verbose", "quiet", *(extra_keys or set())}
     overrides: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in skip}
     if getattr(args, "config", None):
         return JobConfig.from_yaml(args.config, overrides)
     return JobConfig.from_dict(overrides, source="command-line flags")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` and ``--quiet``: how much a run prints (``logs.LEVELS``)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Print everything Ray prints, its progress bars included, and full tracebacks "
+        "of errors (for bug reports).",
+    )
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="Print only warnings, errors and the summary line: no progress line.",
+    )
+
+
+def output_level(args: argparse.Namespace) -> str:
+    """The ``logs`` level the flags ask for."""
+    if getattr(args, "verbose", False):
+        return "verbose"
+    return "quiet" if getattr(args, "quiet", False) else "normal"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rerank-ray",
         description="Distributed batch reranking of (query, document) pairs on Ray Data.",
     )
-    parser.add_argument(
-        "--verbose", action="store_true", help="Show full tracebacks of errors (for bug reports)."
-    )
+    add_output_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="Run a rerank job.")
     add_job_flags(run_p)
@@ -118,14 +140,14 @@ def run_main(body, verbose: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``rerank-ray`` (and ``jobs/rerank.py``): parse, run, exit 0 or 2 (with one line)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    logs.configure(output_level(args))
 
     def body() -> None:
         if args.command == "run":
             from rerank_ray import pipeline
 
-            pipeline.run(config_from_args(args, extra_keys={"verbose"}))
+            pipeline.run(config_from_args(args))
         elif args.command == "demo":
             from rerank_ray.demo import run_demo
 

@@ -15,8 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rerank_ray import cluster, schema, source, storage
+from rerank_ray import cluster, logs, schema, source, storage
 from rerank_ray.config import JobConfig
+from rerank_ray.progress import Progress
+from rerank_ray.report import RunReport
 from rerank_ray.sink import (
     SOURCE_COLUMN,
     OutputLocation,
@@ -124,6 +126,7 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
             resumed.rows,
             len(todo),
         )
+    report: RunReport | None = None
     sink = RerankSink(
         out,
         run_date=cfg.effective_run_date,
@@ -142,12 +145,28 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
         filtered_reasons=filtered_reasons,
         resumed=resumed,
         rows_per_file=cfg.rows_per_file,
-        late_manifest_extra=lambda: {"weights_sha256": fingerprint()},
+        # At commit: the weights' hash (joined then) and the run's metrics.
+        late_manifest_extra=lambda: {
+            "weights_sha256": fingerprint(),
+            **(report.manifest_part() if report is not None else {}),
+        },
     )
     sink.started = t0
     if not todo:
         return sink.commit([])
+    checked = time.time()
+    logs.quiet_ray_logs()
     cluster.init_ray(cfg)
+    _set_ray_progress(logs.OUTPUT.ray_progress)
+    report = RunReport(cfg.run_id, t0, {"checks_done": checked, "ray_ready": time.time()})
+    try:
+        return _write(cfg, plan, out, todo, transform, sink, report, resumed.rows)
+    finally:
+        report.close()
+
+
+def _write(cfg, plan, out, todo, transform, sink, report, resumed_rows):
+    """Build the Dataset, write it through the sink (which commits), write the report."""
     ds = build_dataset(cfg, plan, out.s3, paths=todo)
     if transform is not None:
         if not source.has_own_path_column(plan):
@@ -156,15 +175,34 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
             # task and flush instead of one per (write task x input shard).
             ds = ds.drop_columns([SOURCE_COLUMN])
         ds = transform(ds)
+    progress = None
+    if logs.OUTPUT.progress_line:
+        total = plan.num_rows - resumed_rows
+        interactive = logs.OUTPUT.stderr_tty
+        progress = Progress(total, report.progress, interactive=interactive).start()
     try:
+        report.mark("dataset_started")
         ds.write_datasink(sink)
     except Exception as err:
         # A data page that does not decode fails a read task, and Ray's error names no file.
         source.raise_if_unreadable(plan, todo, cfg.run_id, err)
         raise
+    finally:
+        if progress is not None:
+            progress.stop()
     if sink.manifest is None:
         raise RuntimeError("The write finished without committing a manifest.")
+    report.write(out, sink.manifest)
     return sink.manifest
+
+
+def _set_ray_progress(on: bool) -> None:
+    """Ray Data's own progress bars (``--verbose``); the job draws its own line otherwise."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = on
+    ctx.enable_operator_progress_bars = on
 
 
 def build_dataset(
@@ -189,13 +227,15 @@ def build_dataset(
         udf_modifying_row_count=False,
         **common,
     )
+    # One GPU, or one CPU: Ray Data reserves a CPU for a GPU actor itself, and warns that
+    # setting both is experimental (map_operator._canonicalize_ray_remote_args).
+    resources = {"num_gpus": 1} if pools.use_gpu else {"num_cpus": 1}
     return ds.map_batches(
         NodeStage,
         fn_constructor_kwargs={"kind": "score", "cfg": cfg, "s3": s3, "calls": pools.scorer_calls},
         compute=pools.score,
-        num_gpus=1 if pools.use_gpu else 0,
-        num_cpus=1,
         udf_modifying_row_count=False,
+        **resources,
         **common,
     )
 
@@ -213,7 +253,9 @@ class NodeStage:
     an s3:// model is downloaded once per node), each call traced (``trace.py``)."""
 
     def __init__(self, kind: str, cfg: JobConfig, s3: storage.S3Settings, calls: int = 1):
-        self.trace = CallTrace(kind)
+        # Model loading's progress bars would reach the driver's console from every actor.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        self.trace = CallTrace(kind, cfg.run_id)
         model_dir = str(_resolve_model(cfg, s3))
         cache_dir = str(cfg.model_cache_dir or storage.default_cache_dir())
         if kind == "tokenize":
@@ -249,6 +291,7 @@ class NodeStage:
                 concurrent_calls=calls,
                 cache_dir=cache_dir,
             )
+            self.trace.attach_scorer(self.stage)
             self.trace.ready(setup_seconds=self.stage.setup_seconds, load_path=self.stage.load_path)
 
     def __call__(self, batch):

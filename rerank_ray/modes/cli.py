@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import yaml
 
-from rerank_ray import cli
+from rerank_ray import cli, logs
 from rerank_ray.config import ConfigError
 from rerank_ray.modes.config import add_mode_flags, mode_config_from_args
 from rerank_ray.modes.run import MODES, Mode, run_mode
@@ -36,9 +35,7 @@ def build_parser(mode_name: str) -> argparse.ArgumentParser:
     """The parser of ``jobs/<mode>.py``."""
     mode = MODES[mode_name]
     parser = argparse.ArgumentParser(description=mode.description)
-    parser.add_argument(
-        "--verbose", action="store_true", help="Show full tracebacks of errors (for bug reports)."
-    )
+    cli.add_output_flags(parser)
     _add_flags(parser, mode)
     return parser
 
@@ -67,8 +64,8 @@ def run_mode_args(args: argparse.Namespace) -> None:
 
 def main(mode_name: str, argv: list[str] | None = None) -> int:
     """``jobs/<mode>.py``: parse flags, run the mode; exit 0, or 2 with one line."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser(mode_name).parse_args(argv)
+    logs.configure(cli.output_level(args))
     return cli.run_main(lambda: run_mode_args(args), verbose=args.verbose)
 
 

@@ -29,6 +29,7 @@ from rerank_ray.sink.commit import commit
 from rerank_ray.sink.location import OutputLocation, make_dirs, write_bytes
 from rerank_ray.sink.records import Entry
 from rerank_ray.sink.resume import ResumeState
+from rerank_ray.trace import CallTrace
 
 # Column Ray Data adds with include_paths=True: the input file a row came from.
 SOURCE_COLUMN = "path"
@@ -84,6 +85,7 @@ class RerankSink(Datasink[list]):
 
     # -- on the workers --------------------------------------------------------------------
     def write(self, blocks: Iterable[Any], ctx) -> list:
+        start = time.time()
         fs, staging = self.out.fs, self.out.staging
         entries: list[Entry] = []
         pending: list[pa.Table] = []
@@ -103,6 +105,7 @@ class RerankSink(Datasink[list]):
                     pending, pending_rows = [], 0
         if pending:
             entries.extend(self._flush(fs, staging, pending))
+        CallTrace("write", self.out.run_id).record(start, time.time(), sum(e.rows for e in entries))
         return [asdict(e) for e in entries]
 
     def _flush(self, fs, staging: str, tables: list[pa.Table]) -> list[Entry]:
