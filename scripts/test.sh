@@ -14,6 +14,11 @@ python -m pip install -q -c constraints.txt -e '.[test]'
 # FlagEmbedding is the scoring reference in the tests (never skipped). Its declared
 # dependencies are for training; its reranker needs only what [test] installs.
 python -m pip install -q -c constraints.txt --no-deps flagembedding==1.4.2
+# Chromium (Debian's package) opens the run report in the browser test.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && apt-get install -y -qq chromium; } >/dev/null 2>&1 \
+    || echo "scripts/test.sh: could not install chromium; the report's browser test will skip" >&2
+fi
 ruff check .
 ruff format --check .
 python -m pytest "$@"
