@@ -85,6 +85,29 @@ def make_workload(
     return Workload(queries, docs, np.arange(pairs) // docs_per_query, max_length)
 
 
+def make_long_workload(
+    pairs: int,
+    *,
+    doc_tokens: tuple[int, int] = (1024, 4096),
+    docs_per_query: int = 100,
+    max_length: int = 512,
+    seed: int = 0,
+) -> Workload:
+    """``pairs`` pairs whose documents are long: words uniform in ``doc_tokens`` (inclusive);
+    queries as in ``make_workload``."""
+    rng = np.random.default_rng(seed)
+    n_queries = -(-pairs // docs_per_query)
+    vocab = VOCAB_SIZE - FIRST_WORD_ID
+    queries = [
+        rng.integers(0, vocab, rng.integers(6, 21)).astype(np.int32) + FIRST_WORD_ID
+        for _ in range(n_queries)
+    ]
+    d_len = rng.integers(doc_tokens[0], doc_tokens[1] + 1, pairs)
+    flat = (rng.integers(0, vocab, int(d_len.sum())) + FIRST_WORD_ID).astype(np.int32)
+    docs = np.split(flat, np.cumsum(d_len)[:-1])
+    return Workload(queries, docs, np.arange(pairs) // docs_per_query, max_length)
+
+
 def save_synthetic_tokenizer(path: str) -> None:
     """Write a fast tokenizer for the ``w<id>`` vocabulary, loadable with AutoTokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -22,6 +22,11 @@ from rerank_ray.runners import DEVICES, DTYPES
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
+LONG_DOCS = ("truncate", "chunk")
+CHUNK_AGGREGATES = ("max", "first", "mean")
+# Special tokens around a pair that the config-time checks allow for (XLM-R's <s> q </s></s>
+# d </s> has 4); the tokenize stage checks the model's own count.
+PAIR_SPECIAL_TOKENS = 4
 
 
 class ConfigError(RerankError, ValueError):
@@ -84,6 +89,18 @@ class JobConfig:
         "variable-length attention and the exact GELU (same numerics as PyTorch's ops, the "
         "GELU within one fp16 ulp); checked at actor start, PyTorch's ops if the check fails.",
     )
+    long_docs: str = _f(
+        "truncate",
+        help="Documents longer than a pair's room: truncate (cut and flag, as FlagReranker) or "
+        "chunk (score overlapping windows, one row per pair; README: Long documents).",
+    )
+    chunk_overlap: int = _f(64, help="chunk: tokens each window shares with the one before.")
+    max_chunks_per_doc: int = _f(
+        8, help="chunk: most windows per document; text past them is flagged truncated."
+    )
+    chunk_aggregate: str = _f(
+        "max", help="chunk: a pair's score from its windows' scores: max, first or mean."
+    )
     # --- scale ----------------------------------------------------------------------------
     device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
     num_actors: int | None = _f(
@@ -137,6 +154,7 @@ class JobConfig:
                 f"`query_max_length` is {self.query_max_length}; it must be between 1 and "
                 f"max_length - 4 ({self.max_length - 4}) so the document keeps some tokens."
             )
+        self._check_long_docs()
         for key in ("num_actors", "min_actors", "max_actors", "token_budget"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -184,7 +202,33 @@ class JobConfig:
         if len(set(cols)) != 4:
             raise ConfigError(f"The four column names must differ; got {cols}.")
 
+    def _check_long_docs(self) -> None:
+        _choice("long_docs", self.long_docs, LONG_DOCS)
+        _choice("chunk_aggregate", self.chunk_aggregate, CHUNK_AGGREGATES)
+        if self.max_chunks_per_doc < 1:
+            raise ConfigError(
+                f"`max_chunks_per_doc` is {self.max_chunks_per_doc}; it must be at least 1."
+            )
+        if self.chunk_overlap < 0:
+            raise ConfigError(f"`chunk_overlap` is {self.chunk_overlap}; it must be 0 or more.")
+        window = self.min_doc_window
+        if self.long_docs == "chunk" and self.chunk_overlap >= window:
+            raise ConfigError(
+                f"`chunk_overlap` ({self.chunk_overlap}) must be smaller than the shortest "
+                f"document window, {window} tokens (max_length {self.max_length} - "
+                f"query_max_length {self.effective_query_max_length} - "
+                f"{PAIR_SPECIAL_TOKENS} special tokens), or windows would not advance. "
+                + (f"Pass --chunk-overlap {window // 4}, or raise" if window > 0 else "Raise")
+                + " --max-length or lower --query-max-length."
+            )
+
     # ---------------------------------------------------------------------------------------
+    @property
+    def min_doc_window(self) -> int:
+        """Document tokens a pair keeps when its query takes all of ``query_max_length``
+        (assuming ``PAIR_SPECIAL_TOKENS`` special tokens): the shortest chunk window."""
+        return self.max_length - self.effective_query_max_length - PAIR_SPECIAL_TOKENS
+
     @property
     def effective_query_max_length(self) -> int:
         """Query token limit: the configured one, else 3/4 of ``max_length`` (FlagReranker's)."""
@@ -297,6 +341,8 @@ _INT_FIELDS = {
     "scorer_calls",
     "token_budget",
     "rows_per_file",
+    "chunk_overlap",
+    "max_chunks_per_doc",
 }
 _LIST_FIELDS = {"keep_columns", "partition_by"}
 

@@ -71,6 +71,8 @@ def run(
     # enter the config), and the manifest's config records them.
     cfg = dataclasses.replace(cfg, s3_endpoint_url=s3.endpoint_url, s3_region=s3.region)
     out = OutputLocation(cfg.output, s3, cfg.run_id)
+    if cfg.long_docs == "chunk":
+        reserved_columns = (*reserved_columns, *schema.CHUNK_COLUMNS)
     plan = source.plan_source(cfg, s3, reserved_columns)
     out.check_writable()
     model_dir = _resolve_model(cfg, s3)
@@ -145,6 +147,7 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
         filtered_reasons=filtered_reasons,
         resumed=resumed,
         rows_per_file=cfg.rows_per_file,
+        chunked=cfg.long_docs == "chunk",
         # At commit: the weights' hash (joined then) and the run's metrics.
         late_manifest_extra=lambda: {
             "weights_sha256": fingerprint(),
@@ -259,7 +262,7 @@ class NodeStage:
         model_dir = str(_resolve_model(cfg, s3))
         cache_dir = str(cfg.model_cache_dir or storage.default_cache_dir())
         if kind == "tokenize":
-            from rerank_ray.tokenize import TokenizeStage
+            from rerank_ray.tokenize import Chunking, TokenizeStage
 
             # The actor holds one CPU: the tokenizers library would otherwise start a thread
             # per core in every tokenize actor and starve the scoring actor's host thread. An
@@ -277,6 +280,11 @@ class NodeStage:
                 ),
                 trust_remote_code=cfg.trust_remote_code,
                 cache_dir=cache_dir,
+                chunking=(
+                    Chunking(cfg.chunk_overlap, cfg.max_chunks_per_doc)
+                    if cfg.long_docs == "chunk"
+                    else None
+                ),
             )
             self.trace.ready()
         else:
@@ -290,6 +298,7 @@ class NodeStage:
                 token_budget=cfg.token_budget,
                 concurrent_calls=calls,
                 cache_dir=cache_dir,
+                chunk_aggregate=cfg.chunk_aggregate if cfg.long_docs == "chunk" else None,
             )
             self.trace.attach_scorer(self.stage)
             self.trace.ready(setup_seconds=self.stage.setup_seconds, load_path=self.stage.load_path)

@@ -28,6 +28,11 @@ SCORE = "score"
 SCORE_NORM = "score_norm"
 TRUNCATED = "truncated"
 OUTPUT_COLUMNS = (SCORE, SCORE_NORM, TRUNCATED)
+# Added after those with ``long_docs: chunk`` only: how many windows a pair's document was
+# scored in, and the (0-based) window with the highest score.
+NUM_CHUNKS = "num_chunks"
+BEST_CHUNK = "best_chunk"
+CHUNK_COLUMNS = (NUM_CHUNKS, BEST_CHUNK)
 
 # Default partition column; its value is the run date (YYYY-MM-DD).
 RUN_DATE = "run_date"
@@ -64,16 +69,21 @@ class RejectReason:
     )
 
 
-def token_schema_fields(with_token_type_ids: bool) -> list[pa.Field]:
-    """Arrow fields the tokenize stage appends. Token ids travel as compact int32 lists."""
+def token_schema_fields(with_token_type_ids: bool, chunked: bool = False) -> list[pa.Field]:
+    """Arrow fields the tokenize stage appends. Token ids travel as compact int32 lists; with
+    ``chunked`` (``long_docs: chunk``) a row's ids are a list of windows, each a whole pair."""
+
+    def tokens(value_type: pa.DataType) -> pa.DataType:
+        return pa.list_(pa.list_(value_type)) if chunked else pa.list_(value_type)
+
     fields = [
-        pa.field(INPUT_IDS, pa.list_(pa.int32())),
+        pa.field(INPUT_IDS, tokens(pa.int32())),
         pa.field(NUM_TOKENS, pa.int32()),
         pa.field(TRUNCATED, pa.bool_()),
         pa.field(REJECT_REASON, pa.string()),
     ]
     if with_token_type_ids:
-        fields.insert(1, pa.field(TOKEN_TYPE_IDS, pa.list_(pa.int8())))
+        fields.insert(1, pa.field(TOKEN_TYPE_IDS, tokens(pa.int8())))
     return fields
 
 
@@ -81,12 +91,19 @@ SCORE_FIELDS = (
     pa.field(SCORE, pa.float32()),
     pa.field(SCORE_NORM, pa.float32()),
 )
+CHUNK_FIELDS = (
+    pa.field(NUM_CHUNKS, pa.int32()),
+    pa.field(BEST_CHUNK, pa.int32()),
+)
 
 
-def scored_schema(passthrough: pa.Schema) -> pa.Schema:
-    """Schema of scored output rows: passthrough columns, then score, score_norm, truncated."""
-    fields = [f for f in passthrough if f.name not in OUTPUT_COLUMNS and f.name != REJECT_REASON]
-    return pa.schema([*fields, *SCORE_FIELDS, pa.field(TRUNCATED, pa.bool_())])
+def scored_schema(passthrough: pa.Schema, chunked: bool = False) -> pa.Schema:
+    """Schema of scored output rows: passthrough columns, then score, score_norm, truncated,
+    and with ``chunked`` (``long_docs: chunk``) num_chunks and best_chunk."""
+    own = (*OUTPUT_COLUMNS, REJECT_REASON, *(CHUNK_COLUMNS if chunked else ()))
+    fields = [f for f in passthrough if f.name not in own]
+    chunk_fields = CHUNK_FIELDS if chunked else ()
+    return pa.schema([*fields, *SCORE_FIELDS, pa.field(TRUNCATED, pa.bool_()), *chunk_fields])
 
 
 def rejects_schema(passthrough: pa.Schema) -> pa.Schema:

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_ray import schema
+from rerank_ray.config import ConfigError
 from rerank_ray.schema import RejectReason
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,13 @@ def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) 
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
+def _nested(windows: pa.ListArray, per_row: np.ndarray) -> pa.ListArray:
+    """Rows of ``per_row[i]`` consecutive windows each: list<list<...>>."""
+    offsets = np.zeros(len(per_row) + 1, dtype=np.int32)
+    np.cumsum(per_row, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), windows)
+
+
 def _flatten(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Flat int32 values and int64 lengths of a list of int lists."""
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
@@ -165,13 +173,116 @@ def assemble_pairs(
     """
     q_flat, q_len = _flatten(query_ids)
     d_flat, d_len = _flatten(doc_ids)
-    rows = len(doc_ids)
-    t = template
     row_q_len = q_len[query_of_row]
     q_keep = np.minimum(row_q_len, query_max_length)
-    room = np.maximum(max_length - q_keep - t.num_special, 0)
+    room = np.maximum(max_length - q_keep - template.num_special, 0)
     d_keep = np.minimum(d_len, room)
     truncated = (row_q_len > query_max_length) | (d_len > room)
+    ids, types, lengths = _assemble(
+        template,
+        q_flat,
+        _starts(q_len)[query_of_row],
+        q_keep,
+        d_flat,
+        _starts(d_len),
+        d_keep,
+        with_types,
+    )
+    return ids, types, lengths, truncated
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How ``long_docs: chunk`` cuts a document: windows overlapping by ``overlap`` tokens, at
+    most ``max_chunks`` of them."""
+
+    overlap: int
+    max_chunks: int
+
+    def coverage(self, room: np.ndarray | int) -> np.ndarray | int:
+        """Document tokens that ``max_chunks`` windows of ``room`` tokens reach."""
+        return room + (self.max_chunks - 1) * (room - self.overlap)
+
+
+def window_spans(
+    doc_lengths: np.ndarray, rooms: np.ndarray, chunking: Chunking
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each document into windows: row ``i`` has ``doc_lengths[i]`` tokens and room for
+    ``rooms[i]`` document tokens per pair (each above ``chunking.overlap``).
+
+    Window ``j`` of a row starts at ``j * (room - overlap)`` and holds up to ``room`` tokens;
+    a row gets as many windows as reach its end, at most ``max_chunks``. A window after the
+    first starts before ``length - overlap``, so it holds at least one token no earlier window
+    has: no window is empty, and a document of no tokens gets one window (as when truncating).
+    Returns per-window starts and lengths (int64, rows in order), windows per row, and
+    whether a row's document reaches past its last window.
+    """
+    doc_lengths = np.asarray(doc_lengths, dtype=np.int64)
+    rooms = np.asarray(rooms, dtype=np.int64)
+    step = rooms - chunking.overlap
+    if np.any(step < 1):
+        raise ValueError(f"every room must exceed the overlap {chunking.overlap}.")
+    beyond = np.maximum(doc_lengths - rooms, 0)
+    needed = 1 + -(-beyond // step)  # ceil division
+    count = np.minimum(needed, chunking.max_chunks)
+    row = np.repeat(np.arange(len(count)), count)
+    index = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(_starts(count), count)
+    starts = index * step[row]
+    lengths = np.minimum(rooms[row], doc_lengths[row] - starts)
+    return starts, lengths, count, needed > chunking.max_chunks
+
+
+def assemble_windows(
+    template: PairTemplate,
+    query_ids: list[list[int]],
+    query_of_row: np.ndarray,
+    doc_ids: list[list[int]],
+    max_length: int,
+    query_max_length: int,
+    with_types: bool,
+    chunking: Chunking,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Like ``assemble_pairs``, but each document is cut into windows (``window_spans``) and
+    every window is paired with the row's query, framed as a pair of its length would be.
+
+    Returns flat ids and type ids of all windows (rows in order, a row's windows in order),
+    per-window lengths (int32), windows per row (int64) and truncated flags (the query was
+    cut, or the document reaches past its last window).
+    """
+    q_flat, q_len = _flatten(query_ids)
+    d_flat, d_len = _flatten(doc_ids)
+    row_q_len = q_len[query_of_row]
+    q_keep = np.minimum(row_q_len, query_max_length)
+    room = max_length - q_keep - template.num_special
+    starts, d_keep, count, doc_cut = window_spans(d_len, room, chunking)
+    window_row = np.repeat(np.arange(len(count)), count)
+    ids, types, lengths = _assemble(
+        template,
+        q_flat,
+        _starts(q_len)[query_of_row][window_row],
+        q_keep[window_row],
+        d_flat,
+        _starts(d_len)[window_row] + starts,
+        d_keep,
+        with_types,
+    )
+    return ids, types, lengths, count, (row_q_len > query_max_length) | doc_cut
+
+
+def _assemble(
+    t: PairTemplate,
+    q_flat: np.ndarray,
+    q_start: np.ndarray,
+    q_keep: np.ndarray,
+    d_flat: np.ndarray,
+    d_start: np.ndarray,
+    d_keep: np.ndarray,
+    with_types: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pair ``i``: ``q_keep[i]`` query ids from ``q_flat[q_start[i]:]`` and ``d_keep[i]``
+    document ids from ``d_flat[d_start[i]:]``, framed by ``t``. Returns flat ids, flat type
+    ids (empty unless ``with_types``) and lengths (int32)."""
+    rows = len(q_keep)
     lengths = (t.num_special + q_keep + d_keep).astype(np.int32)
     # Every pair is five runs of one source array (special tokens, then all query ids, then
     # all document ids): prefix, query, middle, document, suffix. Each output position
@@ -181,9 +292,9 @@ def assemble_pairs(
     n_pre, n_mid, n_suf = len(t.prefix), len(t.middle), len(t.suffix)
     run_start = np.empty((rows, 5), dtype=np.int64)
     run_start[:, 0] = 0
-    run_start[:, 1] = len(specials) + _starts(q_len)[query_of_row]
+    run_start[:, 1] = len(specials) + q_start
     run_start[:, 2] = n_pre
-    run_start[:, 3] = len(specials) + len(q_flat) + _starts(d_len)
+    run_start[:, 3] = len(specials) + len(q_flat) + d_start
     run_start[:, 4] = n_pre + n_mid
     run_len = np.empty((rows, 5), dtype=np.int64)
     run_len[:, 0], run_len[:, 1], run_len[:, 2] = n_pre, q_keep, n_mid
@@ -203,7 +314,7 @@ def assemble_pairs(
             ]
         )
         types = type_source[gather]
-    return ids, types, lengths, truncated
+    return ids, types, lengths
 
 
 class TokenizeStage:
@@ -212,6 +323,9 @@ class TokenizeStage:
     Adds ``input_ids`` (list<int32>), ``token_type_ids`` (list<int8>, only for models that
     use them), ``num_tokens``, ``truncated`` and ``reject_reason``; drops the text columns
     listed in ``drop_columns`` once they are tokenized. One output row per input row.
+    With ``chunking`` (``long_docs: chunk``) a row's ``input_ids`` and ``token_type_ids`` are
+    lists of windows (list<list<...>>, each window a whole pair; ``assemble_windows``) and
+    ``num_tokens`` is their total.
     """
 
     def __init__(
@@ -222,22 +336,44 @@ class TokenizeStage:
         drop_columns: tuple[str, ...] = (),
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
+        chunking: Chunking | None = None,
     ) -> None:
         """``cache_dir``: where to keep what this stage takes from the HF tokenizer (the Rust
         tokenizer it calls, the pair template, the settings it reads), keyed by the model's
         tokenizer files and the transformers/tokenizers versions. A later actor with the same
         key starts from there without importing transformers (seconds per actor); the ids are
         the same by construction: the cached tokenizer is the HF one's own serialization.
-        None: no cache. Never used with ``trust_remote_code``."""
+        None: no cache. Never used with ``trust_remote_code``. ``chunking``: cut documents
+        into windows (``long_docs: chunk``) instead of truncating them."""
         self.max_length = max_length
         self.query_max_length = query_max_length
         self.drop_columns = tuple(drop_columns)
+        self.chunking = chunking
         cache = (
             _TokenizerCache(model_dir, cache_dir) if cache_dir and not trust_remote_code else None
         )
         saved = cache.load() if cache else None
-        if saved is not None and self._from_cache(saved):
+        if saved is None or not self._from_cache(saved):
+            self._from_hf(model_dir, trust_remote_code, cache)
+        self._check_chunking()
+
+    def _check_chunking(self) -> None:
+        """With the model's own special tokens, the shortest window must exceed the overlap
+        (the config checks this assuming ``config.PAIR_SPECIAL_TOKENS``)."""
+        if self.chunking is None:
             return
+        window = self.max_length - self.query_max_length - self.template.num_special
+        if self.chunking.overlap >= window:
+            raise ConfigError(
+                f"`chunk_overlap` ({self.chunking.overlap}) must be smaller than the shortest "
+                f"document window, {window} tokens (max_length {self.max_length} - "
+                f"query_max_length {self.query_max_length} - this model's "
+                f"{self.template.num_special} special tokens). Lower --chunk-overlap, raise "
+                "--max-length or lower --query-max-length."
+            )
+
+    def _from_hf(self, model_dir: str, trust_remote_code: bool, cache) -> None:
+        """Set up from the HF tokenizer, and write the cache entry (``cache`` not None)."""
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -286,22 +422,35 @@ class TokenizeStage:
         texts = {c: batch[c].to_pylist() for c in schema.TEXT_COLUMNS}
         reasons = classify_rows(batch, texts)
         ok = [i for i, r in enumerate(reasons) if r is None]
-        ids, types, lengths, truncated = self.encode(
+        encoded = self.encode(
             [texts[schema.QUERY][i] for i in ok],
             [texts[schema.DOC][i] for i in ok],
         )
+        ids, types, lengths, truncated = encoded[0], encoded[1], encoded[2], encoded[-1]
         n = batch.num_rows
-        all_lengths = np.zeros(n, dtype=np.int32)
-        all_lengths[ok] = lengths
         all_truncated = np.zeros(n, dtype=bool)
         all_truncated[ok] = truncated
         # Rejected rows carry empty token lists, so the flat arrays are the scorable rows'.
+        all_lengths = np.zeros(n, dtype=np.int32)
+        if self.chunking is None:
+            all_lengths[ok] = lengths
+
+            def column(flat: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+                return _list_array(flat, all_lengths, value_type)
+
+        else:  # lists of windows: windows per row over the windows' own lists
+            windows = np.zeros(n, dtype=np.int64)
+            windows[ok] = encoded[3]
+            if len(ok):
+                all_lengths[ok] = np.add.reduceat(lengths, _starts(encoded[3]))
+
+            def column(flat: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+                return _nested(_list_array(flat, lengths, value_type), windows)
+
         out = batch.drop_columns([c for c in self.drop_columns if c in batch.column_names])
-        out = out.append_column(schema.INPUT_IDS, _list_array(ids, all_lengths, pa.int32()))
+        out = out.append_column(schema.INPUT_IDS, column(ids, pa.int32()))
         if self.with_token_type_ids:
-            out = out.append_column(
-                schema.TOKEN_TYPE_IDS, _list_array(types, all_lengths, pa.int8())
-            )
+            out = out.append_column(schema.TOKEN_TYPE_IDS, column(types, pa.int8()))
         out = out.append_column(schema.NUM_TOKENS, pa.array(all_lengths, pa.int32()))
         out = out.append_column(schema.TRUNCATED, pa.array(all_truncated, pa.bool_()))
         out = out.append_column(schema.REJECT_REASON, pa.array(reasons, pa.string()))
@@ -309,31 +458,43 @@ class TokenizeStage:
             raise RuntimeError(f"Tokenize stage produced {out.num_rows} rows for {n} input rows.")
         return out
 
-    def encode(
-        self, queries: list[str], docs: list[str]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def encode(self, queries: list[str], docs: list[str]) -> tuple[np.ndarray, ...]:
         """Tokenize pairs as FlagReranker does.
 
-        Returns flat ids (int32), flat type ids (int8), per-pair lengths and truncated flags.
+        Returns flat ids (int32), flat type ids (int8), per-pair lengths and truncated flags;
+        with ``chunking``, ``assemble_windows``' five arrays (per-window lengths, then windows
+        per pair before the flags).
         """
         qmax, max_length = self.query_max_length, self.max_length
         with_types = self.with_token_type_ids
         if not queries:
-            return assemble_pairs(self.template, [], np.zeros(0, np.int64), [], 0, 0, with_types)
-        # A query comes with many candidates (often all of them in one block): each distinct
-        # query text is tokenized once per block, and each pair takes its query's ids by index.
-        encoded = pa.array(queries, pa.string()).dictionary_encode()
-        distinct = encoded.dictionary.to_pylist()
-        query_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        # One token past each limit tells whether the text was cut, at no extra cost.
-        return assemble_pairs(
+            query_ids, query_of_row = [], np.zeros(0, np.int64)
+        else:
+            # A query comes with many candidates (often all of them in one block): each
+            # distinct query text is tokenized once per block, and each pair takes its query's
+            # ids by index.
+            encoded = pa.array(queries, pa.string()).dictionary_encode()
+            query_of_row = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+            # One token past each limit tells whether the text was cut, at no extra cost.
+            query_ids = self._ids(encoded.dictionary.to_pylist(), qmax + 1)
+        if self.chunking is None:
+            doc_ids = self._ids(docs, max_length + 1) if docs else []
+            return assemble_pairs(
+                self.template, query_ids, query_of_row, doc_ids, max_length, qmax, with_types
+            )
+        # The document is tokenized once, as far as the widest row's windows reach (+1).
+        shortest_query = min((min(len(q), qmax) for q in query_ids), default=qmax)
+        widest = max_length - self.template.num_special - shortest_query
+        doc_ids = self._ids(docs, int(self.chunking.coverage(widest)) + 1) if docs else []
+        return assemble_windows(
             self.template,
-            self._ids(distinct, qmax + 1),
+            query_ids,
             query_of_row,
-            self._ids(docs, max_length + 1),
+            doc_ids,
             max_length,
             qmax,
             with_types,
+            self.chunking,
         )
 
     def _ids(self, texts: list[str], max_length: int) -> list[list[int]]:

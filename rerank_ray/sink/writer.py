@@ -41,7 +41,8 @@ class RerankSink(Datasink[list]):
     ``reject_columns`` are the columns a rejected row is written with (the input columns as
     read, plus ``reject_reason``). Rows whose reason is in ``filtered_reasons`` (e.g. a
     nightly run's ``below_top_k``) are left out on purpose: counted, not written.
-    ``resumed`` holds the kept work of an earlier attempt of the same run id.
+    ``resumed`` holds the kept work of an earlier attempt of the same run id. ``chunked``
+    (``long_docs: chunk``): scored rows carry ``num_chunks`` and ``best_chunk`` too.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class RerankSink(Datasink[list]):
         resumed: ResumeState | None = None,
         rows_per_file: int = 200_000,
         late_manifest_extra: Callable[[], dict[str, Any]] | None = None,
+        chunked: bool = False,
     ) -> None:
         self.out = out
         self.run_date = run_date
@@ -66,6 +68,7 @@ class RerankSink(Datasink[list]):
         self.filtered_reasons = tuple(filtered_reasons)
         self.resumed = resumed or ResumeState()
         self.rows_per_file = rows_per_file
+        self.chunked = chunked
         self.started = time.time()
         self.manifest: dict[str, Any] | None = None
         # Driver only (called at commit, e.g. to join a hash running in a thread): not sent to
@@ -160,9 +163,8 @@ class RerankSink(Datasink[list]):
                 keep = [c for c in self.reject_columns if c in rejected.column_names]
                 rejected = rejected.select([*keep, schema.REJECT_REASON])
             else:
-                rejected = rejected.drop_columns(
-                    [c for c in schema.OUTPUT_COLUMNS if c in rejected.column_names]
-                )
+                own = (*schema.OUTPUT_COLUMNS, *(schema.CHUNK_COLUMNS if self.chunked else ()))
+                rejected = rejected.drop_columns([c for c in own if c in rejected.column_names])
             entry.rejected = rejected.num_rows
             entry.reasons = dict(Counter(rejected[schema.REJECT_REASON].to_pylist()))
             target = schema.rejects_schema(rejected.schema)
@@ -179,7 +181,7 @@ class RerankSink(Datasink[list]):
             table = table.append_column(
                 schema.RUN_DATE, pa.array([self.run_date] * table.num_rows, pa.string())
             )
-        target = schema.scored_schema(table.schema)
+        target = schema.scored_schema(table.schema, chunked=self.chunked)
         return table.select(target.names).cast(target)
 
     # -- on the driver ---------------------------------------------------------------------
