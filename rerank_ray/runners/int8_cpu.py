@@ -175,10 +175,8 @@ def _is_weight_file(name: str) -> bool:
 def _export_and_quantize(
     model_dir: Path, out: Path, allow_pickle_weights: bool, trust_remote_code: bool
 ) -> int:
-    """fp32 HF model -> ``out/fp32.onnx`` (dynamic batch and length) -> ``out/model.onnx``
-    with int8 weights; the fp32 file is removed. Returns the pad token id."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """fp32 HF model -> ``out/fp32/model.onnx`` -> ``out/model.onnx`` with int8 weights; the
+    fp32 export is removed. Returns the pad token id."""
     from rerank_ray.model import load_cross_encoder
 
     model = load_cross_encoder(
@@ -189,37 +187,53 @@ def _export_and_quantize(
         trust_remote_code=trust_remote_code,
     )
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    # Its own folder: a model over 2 GB is exported with its weights in side files.
+    fp32_dir = out / "fp32"
+    fp32_dir.mkdir()
+    export_onnx(model, fp32_dir / "model.onnx")
+    del model
+    quantize_onnx(fp32_dir / "model.onnx", out / "model.onnx")
+    shutil.rmtree(fp32_dir)
+    return int(pad_id)
+
+
+def export_onnx(model: torch.nn.Module, path: Path) -> None:
+    """A loaded fp32 HF sequence-classification model -> an fp32 ONNX graph at ``path``:
+    inputs ``INPUT_NAMES`` (int64, [rows, tokens], both dynamic), output ``logits``."""
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     # Two rows, the second padded, so the exporter traces the attention mask's padded path.
     ids = torch.arange(16).view(2, 8) % (model.config.vocab_size - 3) + 3
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     ids[1, 5:] = pad_id
-    # Its own folder: a model over 2 GB is exported with its weights in side files.
-    fp32_dir = out / "fp32"
-    fp32_dir.mkdir()
-    fp32 = fp32_dir / "model.onnx"
     dynamic = {name: {0: "rows", 1: "tokens"} for name in INPUT_NAMES}
     with torch.inference_mode():
         torch.onnx.export(
-            _LogitsOnly(model),
+            _LogitsOnly(model).eval(),  # a new Module trains; export would leave the model so
             (ids, mask, torch.zeros_like(ids)),
-            str(fp32),
+            str(path),
             input_names=list(INPUT_NAMES),
             output_names=["logits"],
             dynamic_axes={**dynamic, "logits": {0: "rows"}},
             opset_version=17,
             dynamo=False,  # the TorchScript exporter: no onnxscript dependency
         )
-    del model
+
+
+def quantize_onnx(src: Path, dst: Path) -> None:
+    """ONNX Runtime's dynamic quantization: MatMul/Gather weights to int8, one scale per
+    output channel; activations are quantized per call (one scale per tensor)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     quantize_dynamic(
-        str(fp32),
-        str(out / "model.onnx"),
+        str(src),
+        str(dst),
         weight_type=QuantType.QInt8,
-        per_channel=True,  # one scale per output channel: Spearman 0.94 -> 0.97 on MiniLM
+        # one scale per output channel ranks closer to fp32 than one per tensor on the
+        # bench's trained MiniLM (bench/README.md, "INT8 on CPU")
+        per_channel=True,
         extra_options={"DefaultTensorType": 1},  # float, where shape inference cannot tell
     )
-    shutil.rmtree(fp32_dir)
-    return int(pad_id)
 
 
 class _LogitsOnly(torch.nn.Module):
