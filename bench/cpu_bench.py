@@ -504,9 +504,11 @@ def main() -> None:
             "docs_per_query": args.docs_per_query,
             "pairs": len(pairs),
             "tokens_per_pair_mean": round(float(lengths.mean()), 1),
-            "tokens_per_pair_p50_p99_max": [int(np.percentile(lengths, 50)),
-                                            int(np.percentile(lengths, 99)),
-                                            int(lengths.max())],  # fmt: skip
+            "tokens_per_pair_p50_p99_max": [
+                int(np.percentile(lengths, 50)),
+                int(np.percentile(lengths, 99)),
+                int(lengths.max()),
+            ],  # fmt: skip
             "threads": args.threads,
             "reps": args.reps,
             "st_batch_size": ST_BATCH,
@@ -519,7 +521,11 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in table.items()}, indent=1))
+    print(
+        json.dumps(
+            {k: {kk: vv for kk, vv in v.items() if kk != "raw"} for k, v in table.items()}, indent=1
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ int8, run by ONNX Runtime.
 
 Chosen by measurement on a trained model (bench/cpu_bench.py, bench/README.md "INT8 on CPU"):
 ONNX Runtime's dynamic INT8 (weights int8 per output channel, activations quantized per call)
-ran faster than ``torch.ao.quantization.quantize_dynamic`` on the padded HF model and than the
-packed encoder with int8 weights, at the same quality. ``onnxruntime`` and ``onnx`` come with
+ran faster than ``torch.ao.quantization.quantize_dynamic`` on the padded HF model, which ran
+faster than the packed encoder with int8 weights, at similar rank agreement. Activations get
+one scale per tensor per call, so an int8 score moves slightly with the other pairs of its
+micro-batch (fp32 scores do not). ``onnxruntime`` and ``onnx`` come with
 the optional ``[cpu]`` extra only, so a GPU install does not pull them in.
 
 The export and quantization run once per model and node, the first time an actor needs them,
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -28,8 +29,6 @@ import torch
 
 from rerank_ray.model import pad_packed
 from rerank_ray.storage import ModelLoadError, default_cache_dir
-
-logger = logging.getLogger(__name__)
 
 # Bumped whenever the export or quantization settings below change (part of the cache key).
 RECIPE = "onnx-opset17-dynamic-qint8-per-channel-v1"
