@@ -1,0 +1,156 @@
+"""Int8CpuRunner: the runner contract, the exported graph, and int8 scores against fp32.
+
+The exported graph is checked exactly: the same session wrapper over the fp32 export gives
+HF's fp32 logits. The int8 error is only bounded loosely here: the tiny models' random weights
+put their scores within a few hundredths of each other, closer than int8 rounding moves
+them, so ranks are not meaningful on them; the trained-model rank figures come from
+bench/cpu_bench.py. Skipped where ONNX Runtime (the ``[cpu]`` extra) is not installed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from rerank_ray.model import PaddedRunner, load_cross_encoder  # noqa: E402
+from rerank_ray.runners.int8_cpu import Int8CpuRunner, actor_threads, export_onnx  # noqa: E402
+from rerank_ray.tiny_model import SAMPLE_TEXTS  # noqa: E402
+
+
+def packed_pairs(model_dir, n: int, seed: int = 0):
+    """``n`` tokenized (query, doc) pairs of varied lengths: flat ids, offsets, flat types."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    queries = [SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(n)]
+    docs = [" ".join(rng.choice(SAMPLE_TEXTS, size=rng.integers(1, 8))) for _ in range(n)]
+    enc = tok(queries, docs, truncation=True, max_length=128)
+    rows = enc["input_ids"]
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    ids = np.concatenate(rows).astype(np.int64)
+    types = (
+        np.concatenate(enc["token_type_ids"]).astype(np.int64) if "token_type_ids" in enc else None
+    )
+    return ids, offsets, types
+
+
+def fp32_scores(model_dir, ids, offsets, types):
+    model = load_cross_encoder(model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    return PaddedRunner(model, torch.device("cpu")).score(ids, offsets, types)
+
+
+@pytest.fixture(scope="module")
+def runners(tiny_model_dir, tiny_bert_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("int8-cache")
+    return {
+        "xlmr": Int8CpuRunner.from_model_dir(tiny_model_dir, threads=1, cache_dir=cache),
+        "bert": Int8CpuRunner.from_model_dir(tiny_bert_dir, threads=1, cache_dir=cache),
+    }
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_fp32_export_fed_by_the_runner_equals_hf(kind, tiny_model_dir, tiny_bert_dir, tmp_path):
+    """The graph and the runner's feeding (padding, mask, token types, order) are exact: the
+    runner over the fp32 export gives HF's padded fp32 logits."""
+    import onnxruntime as ort
+
+    model_dir = tiny_model_dir if kind == "xlmr" else tiny_bert_dir
+    model = load_cross_encoder(model_dir, device=torch.device("cpu"), dtype=torch.float32)
+    export_onnx(model, tmp_path / "fp32.onnx")
+    session = ort.InferenceSession(str(tmp_path / "fp32.onnx"), providers=["CPUExecutionProvider"])
+    runner = Int8CpuRunner(
+        session, pad_id=model.config.pad_token_id, onnx_path=tmp_path / "fp32.onnx", threads=1
+    )
+    ids, offsets, types = packed_pairs(model_dir, 40)
+    hf = PaddedRunner(model, torch.device("cpu"))
+    ref = hf.score(ids, offsets, types)
+    np.testing.assert_allclose(runner.score(ids, offsets, types), ref, rtol=0, atol=1e-4)
+    if types is not None:  # BERT: the types reach the graph; without them, segment 0 (HF's)
+        assert types.any()
+        zeros = hf.score(ids, offsets, np.zeros_like(types))
+        assert np.abs(zeros - ref).max() > 1e-3
+        np.testing.assert_allclose(runner.score(ids, offsets, None), zeros, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_int8_error_is_bounded(kind, runners, tiny_model_dir, tiny_bert_dir):
+    model_dir = tiny_model_dir if kind == "xlmr" else tiny_bert_dir
+    ids, offsets, types = packed_pairs(model_dir, 64)
+    ref = fp32_scores(model_dir, ids, offsets, types)
+    got = runners[kind].score(ids, offsets, types)
+    assert got.dtype == np.float32 and got.shape == (64,)
+    # int8 rounding moves a logit by up to ~15% of its size on these random weights (a wrong
+    # graph or input moves it by far more; the fp32 export is checked exactly above).
+    assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()
+    assert np.abs(got - ref).mean() < 0.1 * np.abs(ref).max()
+
+
+def test_runner_contract(runners):
+    runner = runners["xlmr"]
+    assert runner.padded is True  # the scorer cuts its micro-batches as rows x longest
+    assert runner.threads == 1
+
+
+def test_scores_follow_row_order(runners, tiny_model_dir):
+    """One score per sequence, in the order given: a permuted batch gives permuted scores."""
+    ids, offsets, types = packed_pairs(tiny_model_dir, 12, seed=3)
+    runner = runners["xlmr"]
+    base = runner.score(ids, offsets, types)
+    perm = np.random.default_rng(1).permutation(12)
+    rows = [ids[offsets[i] : offsets[i + 1]] for i in perm]
+    p_offsets = np.zeros(13, dtype=np.int64)
+    p_offsets[1:] = np.cumsum([len(r) for r in rows])
+    permuted = runner.score(np.concatenate(rows), p_offsets, None)
+    # The same rows (same padded width) in another order: the same activations, so the
+    # same dynamic quantization scales and the same scores.
+    np.testing.assert_allclose(permuted, base[perm], rtol=0, atol=1e-5)
+    alone = np.array(
+        [runner.score(ids[offsets[i] : offsets[i + 1]], offsets[i : i + 2] - offsets[i], None)[0]
+         for i in range(12)]
+    )  # fmt: skip
+    # scored alone, a row only sees other int8 activation scales
+    assert np.abs(alone - base).max() < 0.25 * np.abs(base).max()
+
+
+def test_export_is_cached_per_model(tiny_model_dir, tmp_path):
+    first = Int8CpuRunner.from_model_dir(tiny_model_dir, threads=1, cache_dir=tmp_path)
+    stamp = first.onnx_path.stat().st_mtime_ns
+    second = Int8CpuRunner.from_model_dir(tiny_model_dir, threads=1, cache_dir=tmp_path)
+    assert second.onnx_path == first.onnx_path
+    assert second.onnx_path.stat().st_mtime_ns == stamp  # read, not rebuilt
+    assert [p.name for p in (tmp_path / "int8-cpu").iterdir()] == [first.onnx_path.parent.name]
+
+
+def test_bad_input_is_refused(runners):
+    runner = runners["xlmr"]
+    with pytest.raises(ValueError, match="offsets end at 5"):
+        runner.score(np.arange(4, dtype=np.int64), np.array([0, 5]), None)
+    with pytest.raises(ValueError, match="starting at 0"):
+        runner.score(np.arange(4, dtype=np.int64), np.array([1, 4]), None)
+
+
+def test_threads(monkeypatch, tiny_model_dir, tmp_path):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # what Ray sets in an actor with num_cpus=3
+    assert actor_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert actor_threads() >= 1
+    with pytest.raises(ValueError, match="threads is 0"):
+        Int8CpuRunner.from_model_dir(tiny_model_dir, threads=0, cache_dir=tmp_path)
+
+
+def test_many_batch_shapes_one_session(runners, tiny_model_dir):
+    """Batch and length are dynamic in the exported graph: any (rows, longest) runs."""
+    ids, offsets, _ = packed_pairs(tiny_model_dir, 8, seed=7)
+    runner = runners["xlmr"]
+    for start, end in itertools.combinations([0, 1, 3, 8], 2):
+        lo, hi = offsets[start], offsets[end]
+        out = runner.score(ids[lo:hi], offsets[start : end + 1] - lo, None)
+        assert out.shape == (end - start,) and np.isfinite(out).all()
