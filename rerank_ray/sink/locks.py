@@ -106,7 +106,7 @@ def acquire_lock(out: OutputLocation, path: str) -> None:
             holder.get("host"),
         )
     with _held_guard:
-        _held[path] = _Heartbeat(out, path, body, etag or None)
+        _held[path] = _Heartbeat(out, path, body, etag if isinstance(etag, str) else None)
 
 
 def release_lock(out: OutputLocation, path: str) -> None:
