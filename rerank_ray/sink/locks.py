@@ -80,13 +80,15 @@ def acquire_lock(out: OutputLocation, path: str) -> None:
         if not holder:  # released between the two calls: try once more
             etag = _create_exclusive(out, path, body)
             holder, holder_etag = _read_lock_and_etag(out, path) if etag is False else ({}, None)
+    if etag is False and holder.get("token") == body["token"]:
+        etag = holder_etag  # our own create, retried after its reply was lost
     if etag is False:
         if holder.get("run_id") != out.run_id:
             raise ConcurrentRunError(
                 f"Output {out.uri} is being written by run {holder.get('run_id')} (started "
                 f"{holder.get('started')} on {holder.get('host')}), which holds the lock "
-                f"{out.display(path)}. Wait for it to finish; if it is dead, resume it with "
-                f"--run-id {holder.get('run_id')} or delete the lock object."
+                f"{out.display(path)} ({_liveness(holder)}). Wait for it to finish; if it is "
+                f"dead, resume it with --run-id {holder.get('run_id')} or delete the lock object."
             )
         if holder_alive(holder):
             raise ConcurrentRunError(
@@ -150,6 +152,14 @@ def holder_alive(holder: dict[str, Any]) -> bool:
     except (PermissionError, ValueError, OverflowError):
         return True  # another user's process (or a pid we cannot check): assume alive
     return True
+
+
+def _liveness(holder: dict[str, Any]) -> str:
+    age = _age(holder)
+    if age == float("inf"):
+        return "it has no heartbeat"
+    state = "alive" if holder_alive(holder) else "stale: its run looks dead"
+    return f"heartbeat {age:.0f} s ago, {state}"
 
 
 def _now() -> dict[str, Any]:
