@@ -27,6 +27,7 @@ from rerank_ray.sink import (
     acquire_lock,
     discard_staging,
     release_lock,
+    repair,
     resume_state,
 )
 from rerank_ray.trace import CallTrace
@@ -92,6 +93,7 @@ def run(
     lock = out.lock(cfg.effective_run_date, cfg.partition_by)
     acquire_lock(out, lock)
     try:
+        repair(out)
         manifest = _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, t0)
     finally:
         release_lock(out, lock)

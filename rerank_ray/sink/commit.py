@@ -1,22 +1,35 @@
 """The commit: check every row came out once, move staged files into place, write the manifest.
 
 The manifest (``_manifests/<run_id>.json``, then ``_SUCCESS``) is the commit point and lists
-the run's files. Only after it is written are the files of an earlier commit of the same run
-id deleted, so a rerun replaces its output and never duplicates it.
+the run's files. The moves before it are journaled (``journal.py``): a failed move or manifest
+write moves everything back, so a failed commit leaves nothing outside ``_staging/``. Only
+after the manifest is written are the files of an earlier commit of the same run id deleted,
+so a rerun replaces its output and never duplicates it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from rerank_ray import storage
 from rerank_ray.errors import RerankError
-from rerank_ray.sink.location import OutputLocation, delete_dir, make_dirs, read_json, write_bytes
+from rerank_ray.sink.journal import (
+    STORE_ERRORS,
+    CommitError,
+    Journal,
+    fail_and_undo,
+    finish,
+    move_into_place,
+    write_journal,
+)
+from rerank_ray.sink.location import OutputLocation, read_json, write_bytes
 from rerank_ray.sink.records import Entry, Totals
+
+log = logging.getLogger("rerank_ray")
 
 
 class RowCountError(RerankError, RuntimeError):
@@ -27,6 +40,7 @@ def commit(
     out: OutputLocation,
     entries: list[Entry],
     *,
+    lock: str,
     new_entries: list[Entry],
     expected_rows: int,
     run_date: str,
@@ -36,11 +50,13 @@ def commit(
     late_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Commit ``entries`` (kept + new) and return the manifest; ``RowCountError`` (and
-    nothing committed) when the rows out differ from ``expected_rows``."""
+    nothing committed) when the rows out differ from ``expected_rows``, ``CommitError``
+    (nothing committed, or what the next run repairs) when the store fails. ``lock`` is the
+    lock the run holds (its path), recorded in the journal."""
     fs = out.fs
     totals = Totals.of(entries)
     if totals.rows != expected_rows:
-        delete_dir(fs, out.staging)
+        out.delete_tree(out.staging)
         raise RowCountError(
             f"Run {out.run_id}: {expected_rows} rows were read but {totals.rows} came "
             f"out ({totals.scored} scored + {totals.rejected} rejected + {totals.filtered} "
@@ -48,9 +64,19 @@ def commit(
         )
     late = late_extra() if late_extra else {}
     previous = read_json(fs, out.manifest)
-    committed = _move_all(out, totals.files)
+    staging = out.staging
+    # The same relative place under the output root as under the staging directory.
+    moves = [(out.relative(f), f[len(staging) + 1 :]) for f in totals.files]
+    rel = sorted(final for _, final in moves)
+    journal = Journal(
+        run_id=out.run_id,
+        lock=out.relative(lock),
+        moves=moves,
+        stale=sorted(set((previous or {}).get("files", [])) - set(rel)),
+    )
+    write_journal(out, journal)
+    move_into_place(out, journal)
     wall = time.time() - started
-    rel = sorted(out.relative(p) for p in committed)
     manifest = {
         "run_id": out.run_id,
         "run_date": run_date,
@@ -72,26 +98,25 @@ def commit(
         **late,
     }
     body = json.dumps(manifest, indent=2).encode()
-    write_bytes(fs, out.manifest, body)
-    write_bytes(fs, out.success, body)
-    # After the commit point: remove what an earlier commit of this run id wrote.
-    for path in set((previous or {}).get("files", [])) - set(rel):
-        with contextlib.suppress(FileNotFoundError, OSError):
-            fs.delete_file(out.path(path))
-    delete_dir(fs, out.staging)
+    try:
+        write_bytes(fs, out.manifest, body)
+    except STORE_ERRORS as err:
+        fail_and_undo(out, journal, moves, err, "writing its manifest")
+    try:
+        write_bytes(fs, out.success, body)
+    except STORE_ERRORS as err:
+        raise CommitError(
+            f"Run {out.run_id} is committed ({out.display(out.manifest)} lists its files), but "
+            f"{out.display(out.success)} could not be written: {storage.describe_error(err)}. "
+            f"Rerun with --run-id {out.run_id} to write it (the rerun replaces this commit)."
+        ) from err
+    try:
+        finish(out, journal)
+    except STORE_ERRORS as err:
+        log.warning(
+            "run %s is committed, but cleaning up after it failed (%s); the next run on this "
+            "output finishes it",
+            out.run_id,
+            storage.describe_error(err),
+        )
     return manifest
-
-
-def _move_all(out: OutputLocation, files: list[str]) -> list[str]:
-    """Move staged files to the same relative place under the output root."""
-    fs, staging = out.fs, out.staging
-    targets = [out.path(f[len(staging) + 1 :]) for f in files]
-
-    def move(pair: tuple[str, str]) -> None:
-        src, dst = pair
-        make_dirs(fs, dst.rsplit("/", 1)[0])
-        fs.move(src, dst)
-
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(move, zip(files, targets, strict=True)))
-    return targets

@@ -7,13 +7,12 @@ died before its marker) is deleted, and those shards are read and scored again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from rerank_ray import storage
-from rerank_ray.sink.location import OutputLocation, delete_dir, list_files, write_bytes
+from rerank_ray.sink.location import OutputLocation, list_files, write_bytes
 from rerank_ray.sink.records import Entry
 
 
@@ -33,7 +32,8 @@ def resume_state(out: OutputLocation, rows_per_source: dict[str, int]) -> Resume
     """Keep the staged files of shards whose rows are all accounted for; delete the rest."""
     fs = out.fs
     entries: list[Entry] = []
-    for info in list_files(fs, out.progress):
+    # Only whole markers: a write task killed mid-write leaves at most a temporary file.
+    for info in [p for p in list_files(fs, out.progress) if p.endswith(".json")]:
         with fs.open_input_stream(info) as fh:
             entries.extend(Entry(**e) for e in json.loads(fh.read()))
     seen: Counter = Counter()
@@ -44,10 +44,7 @@ def resume_state(out: OutputLocation, rows_per_source: dict[str, int]) -> Resume
     }
     kept = [e for e in entries if e.source in done]
     keep_files = {f for e in kept for f in e.files}
-    for path in list_files(fs, out.staging):
-        if path not in keep_files:
-            with contextlib.suppress(FileNotFoundError, OSError):
-                fs.delete_file(path)
+    out.delete_files([p for p in list_files(fs, out.staging) if p not in keep_files])
     if kept:
         write_bytes(
             fs,
@@ -59,4 +56,4 @@ def resume_state(out: OutputLocation, rows_per_source: dict[str, int]) -> Resume
 
 def discard_staging(out: OutputLocation) -> None:
     """Delete everything an earlier attempt of this run id staged."""
-    delete_dir(out.fs, out.staging)
+    out.delete_tree(out.staging)

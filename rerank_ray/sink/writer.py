@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
@@ -155,6 +156,9 @@ class RerankSink(Datasink[list]):
                 partitioning_flavor="hive" if self.partition_by else None,
                 basename_template=f"part-{tag}-{{i}}.parquet",
                 existing_data_behavior="overwrite_or_ignore",
+                # On S3, creating "directories" writes empty marker objects (the output root's
+                # among them) that no reader needs and that break mirroring the prefix to disk.
+                create_dir=isinstance(fs, pafs.LocalFileSystem),
                 file_visitor=lambda f: entry.files.append(f.path),
                 max_rows_per_group=64 * 1024,
             )
@@ -194,6 +198,7 @@ class RerankSink(Datasink[list]):
         self.manifest = commit(
             self.out,
             [*self.resumed.entries, *new_entries],
+            lock=self.out.lock(self.run_date, self.partition_by),
             new_entries=new_entries,
             expected_rows=self.expected_rows,
             run_date=self.run_date,

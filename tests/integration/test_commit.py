@@ -108,6 +108,8 @@ def test_exactly_one_of_two_racing_runs_gets_the_lock(where, s3_server, bucket, 
     for t in threads:
         t.join()
     assert sorted(results.values()) == ["got", "refused"]
+    winner = next(r for r, got in results.items() if got == "got")
+    release_lock(OutputLocation(output, s3, winner), path)
 
 
 @pytest.mark.slow

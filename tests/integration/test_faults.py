@@ -9,7 +9,8 @@ nothing committed.
   stands in for the autoscaler's replacement).
 - S3 answers ``503 SlowDown`` during the read or the write: pyarrow's S3 retry strategy
   (``storage.S3Settings``: standard, 8 attempts) absorbs it. If S3 stays down the run fails,
-  and neither ``_SUCCESS`` nor any file outside ``_staging/`` appears.
+  and neither ``_SUCCESS`` nor any file outside ``_staging/`` appears (only the run's lock
+  object, which a store that is down cannot delete).
 
 The S3 faults come from a real HTTP proxy in front of moto_server that answers ``503 SlowDown``
 (S3's throttling error) to chosen requests.
@@ -247,7 +248,11 @@ def test_s3_down_for_good_during_write_fails_with_nothing_committed(
     assert "SLOW_DOWN" in message or "SlowDown" in message or "503" in message, message
     keys = s3_keys(bucket, "out/")
     assert "out/_SUCCESS" not in keys
-    assert [k for k in keys if not k.startswith("out/_staging/")] == []
+    # The store is still down when the run releases its lock, so the lock object stays (its
+    # heartbeat stopped: it goes stale and names the run to resume); that it exists shows the
+    # outage began after the up-front checks. Nothing else: no data file, no marker object.
+    lock = "out/_locks/run_date=2026-11-21.lock"
+    assert [k for k in keys if not k.startswith("out/_staging/")] == [lock]
     assert time.time() - started < 600
 
 
