@@ -93,7 +93,8 @@ def tokenized(stage, pairs):
 def scorer_call(runner, ids, types, lengths, budget: int) -> np.ndarray:
     """Score as ScoreStage.score_rows does: length-sorted, token-budget micro-batches."""
     from rerank_ray import packing
-    from rerank_ray.autotune import MicroBatch, TokenBudget, score_microbatches
+    from rerank_ray.backoff import TokenBudget, score_microbatches
+    from rerank_ray.packing import MicroBatch
 
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(lengths)
@@ -195,12 +196,12 @@ def rr_runner(variant: str, model_dir: str, threads: int, work: str):
         from rerank_ray.runners.int8_cpu import Int8CpuRunner
 
         return Int8CpuRunner.from_model_dir(model_dir, threads=threads, cache_dir=work)
-    from rerank_ray.model import PaddedRunner, load_cross_encoder
+    from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder
 
     model = load_cross_encoder(model_dir, device=torch.device("cpu"), dtype=torch.float32)
     if variant == "rr-fp32":  # what ScoreStage builds on a CPU
         return PaddedRunner(model, torch.device("cpu"))
-    from rerank_ray.encoder import PackedEncoder
+    from rerank_ray.runners.packed import PackedEncoder
 
     return PackedEncoder(model)  # attention 'sdpa' on CPU
 

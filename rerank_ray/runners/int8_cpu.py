@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rerank_ray.model import pad_packed
+from rerank_ray.runners.padded import pad_packed
 from rerank_ray.storage import ModelLoadError, default_cache_dir
 
 # Bumped whenever the export or quantization settings below change (part of the cache key).
@@ -176,7 +176,7 @@ def _export_and_quantize(
 ) -> int:
     """fp32 HF model -> ``out/fp32/model.onnx`` -> ``out/model.onnx`` with int8 weights; the
     fp32 export is removed. Returns the pad token id."""
-    from rerank_ray.model import load_cross_encoder
+    from rerank_ray.runners.padded import load_cross_encoder
 
     model = load_cross_encoder(
         model_dir,

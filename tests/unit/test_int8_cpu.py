@@ -18,7 +18,8 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from rerank_ray.model import PaddedRunner, load_cross_encoder  # noqa: E402
+from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder  # noqa: E402
+
 from rerank_ray.runners.int8_cpu import Int8CpuRunner, actor_threads, export_onnx  # noqa: E402
 from rerank_ray.tiny_model import SAMPLE_TEXTS  # noqa: E402
 
