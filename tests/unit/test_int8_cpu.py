@@ -4,7 +4,7 @@ The exported graph is checked exactly: the same session wrapper over the fp32 ex
 HF's fp32 logits. The int8 error is only bounded loosely here: the tiny models' random weights
 put their scores within a few hundredths of each other, closer than int8 rounding moves
 them, so ranks are not meaningful on them; the trained-model rank figures come from
-bench/cpu_bench.py. Skipped where ONNX Runtime (the ``[cpu]`` extra) is not installed.
+bench/cpu_bench.py. ONNX Runtime (the ``[cpu]`` extra) is in the test extras: never skipped.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
-
-from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder  # noqa: E402
-
-from rerank_ray.runners.int8_cpu import Int8CpuRunner, actor_threads, export_onnx  # noqa: E402
-from rerank_ray.tiny_model import SAMPLE_TEXTS  # noqa: E402
+from rerank_ray.runners.int8_cpu import Int8CpuRunner, actor_threads, export_onnx
+from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder
+from rerank_ray.tiny_model import SAMPLE_TEXTS
 
 
 def packed_pairs(model_dir, n: int, seed: int = 0):
