@@ -6,9 +6,12 @@ pure per-query functions give on those scores (so shards and shuffles change not
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import random
+import re
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -22,6 +25,7 @@ from rerank_ray.modes.exports import FLAGEMBEDDING_KEYS, flagembedding_records
 from rerank_ray.modes.labeling import label_queries
 from rerank_ray.modes.ranking import nightly_stats, rank_queries, top_k
 from rerank_ray.modes.run import run_labeling, run_nightly
+from rerank_ray.sink.location import list_files
 from tests.conftest import make_pairs, upload_table
 
 pytestmark = pytest.mark.integration
@@ -122,49 +126,101 @@ def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, t
     for name in ("queries", "candidates", "compared_queries", "top1_changed"):
         assert report["stats"][name] == want_stats[name]
     assert report["stats"]["mean_overlap_at_3"] == pytest.approx(want_stats["mean_overlap_at_3"])
+    # The stats count what the manifest counts (issue 11: they said 0 rejected against 2).
+    assert report["stats"]["rejected_rows"] == manifest["rows_rejected"] == sum(reasons.values())
+    assert manifest["rows_rejected"] == 2  # the empty doc and the duplicate pair
+    assert report["stats"]["filtered_rows"] == manifest["rows_filtered"] == below
+    assert report["stats"]["rows_scored_by_model"] == scored_reference.num_rows
+    assert report["stats"]["rows_kept"] == manifest["rows_scored"]
     assert json.loads(read_bytes(cfg, "_mode_report.json")) == json.loads(
         json.dumps(report, default=float)
     )
+    # The scoring stage is gone once the run is committed.
+    fs, base = storage.resolve(cfg.output, pipeline.s3_settings(cfg))
+    assert not list_files(fs, storage.join(base, "_scored"))
+
+
+def read_jsonl_shards(cfg: JobConfig, files: list[str]) -> list[dict]:
+    return [json.loads(line) for f in files for line in read_bytes(cfg, f).decode().splitlines()]
 
 
 def test_labeling_exports(scored_reference, bucket, tiny_model_dir, tmp_path):
-    cfg = job(bucket, tiny_model_dir, "labels")
+    cfg = dataclasses.replace(job(bucket, tiny_model_dir, "labels"), run_id="labels-1")
     mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
     report = run_labeling(cfg, mode)
+    exports = report["exports"]
+    manifest = json.loads(read_bytes(cfg, "_SUCCESS"))
 
-    lines = read_bytes(cfg, report["exports"]["flagembedding_jsonl"]["path"]).decode()
-    records = [json.loads(line) for line in lines.splitlines()]
+    # Sharded exports, every shard listed in the manifest (so a rerun replaces them).
+    fe_files = exports["flagembedding_jsonl"]["files"]
+    assert len(fe_files) > 1, fe_files  # one shard per block of queries
+    assert fe_files == [
+        f"_exports/labels-1/flagembedding/train-{i:05d}.jsonl" for i in range(len(fe_files))
+    ]
+    for name in ("flagembedding_jsonl", "hard_negatives_parquet", "distillation_parquet"):
+        assert set(exports[name]["files"]) <= set(manifest["files"])
+    records = read_jsonl_shards(cfg, fe_files)
     expected = list(flagembedding_records(label_queries(scored_reference, mode), mode))
     assert len(records) == len(expected) == report["stats"]["exportable_queries"] > 0
-    for got, want in zip(records, expected, strict=True):
+    assert len(records) == exports["flagembedding_jsonl"]["rows"]
+    by_query = {r["query"]: r for r in records}
+    assert len(by_query) == len(records)
+    for want in expected:
+        got = by_query[want["query"]]
         assert tuple(got) == FLAGEMBEDDING_KEYS
         assert got["pos"] == want["pos"] and got["neg"] == want["neg"]
         assert got["pos_scores"] == pytest.approx(want["pos_scores"], abs=1e-6)
         assert all(isinstance(s, float) and math.isfinite(s) for s in got["neg_scores"])
 
-    fs, base = storage.resolve(cfg.output, pipeline.s3_settings(cfg))
-    triplets = pq.read_table(
-        storage.join(base, report["exports"]["triplets_parquet"]["path"]), filesystem=fs
-    )
-    assert triplets.column_names == ["query", "positive", "negative"]
-    assert triplets.num_rows == sum(len(r["pos"]) * len(r["neg"]) for r in records)
-    distill = pq.read_table(
-        storage.join(base, report["exports"]["distillation_parquet"]["path"]), filesystem=fs
-    )
-    assert distill.column_names == ["query", "passage", "score"]
-    assert distill.num_rows == scored_reference.num_rows - 1  # the duplicate pair, once
-    # sentence-transformers reads training data through `datasets`: load both exports so.
+    # sentence-transformers reads training data through `datasets`: load every shard so.
     from datasets import load_dataset
 
-    for name, columns in (
-        ("triplets_parquet", ["query", "positive", "negative"]),
-        ("distillation_parquet", ["query", "passage", "score"]),
-    ):
-        local = tmp_path / f"{name}.parquet"
-        local.write_bytes(read_bytes(cfg, report["exports"][name]["path"]))
-        loaded = load_dataset("parquet", data_files=str(local), split="train")
-        assert loaded.column_names == columns
-        assert loaded.num_rows == report["exports"][name]["rows"]
-    png = read_bytes(cfg, report["exports"]["score_histogram_png"]["path"])
+    def load(name: str):
+        local = []
+        for i, f in enumerate(exports[name]["files"]):
+            path = tmp_path / f"{name}-{i:05d}.parquet"
+            path.write_bytes(read_bytes(cfg, f))
+            local.append(str(path))
+        return load_dataset("parquet", data_files=local, split="train")
+
+    triplets = load("hard_negatives_parquet")
+    assert triplets.column_names == ["query", "positive", "negative"]
+    assert triplets.num_rows == sum(len(r["pos"]) * len(r["neg"]) for r in records)
+    assert triplets.num_rows == exports["hard_negatives_parquet"]["rows"]
+    distill = load("distillation_parquet")
+    assert distill.column_names == ["query", "passage", "score"]
+    assert distill.num_rows == scored_reference.num_rows - 1  # the duplicate pair, once
+    assert distill.num_rows == exports["distillation_parquet"]["rows"]
+    png = read_bytes(cfg, exports["score_histogram_png"]["files"][0])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(report["score_report"]["histogram"]["counts"]) == distill.num_rows
+    assert report["stats"]["rejected_rows"] == manifest["rows_rejected"]
+    assert report["warnings"] == []
+
+    # A rerun of the run id with another format replaces the exports of the first commit.
+    mode2 = LabelConfig(**{**mode.__dict__, "hard_negative_format": "labeled-list"})
+    report2 = run_labeling(cfg, mode2)
+    manifest2 = json.loads(read_bytes(cfg, "_SUCCESS"))
+    lists = report2["exports"]["hard_negatives_parquet"]["files"]
+    assert lists and all("labeled-lists-" in f for f in lists)
+    assert not [f for f in manifest2["files"] if "triplets-" in f]
+    fs, base = storage.resolve(cfg.output, pipeline.s3_settings(cfg))
+    left = list_files(fs, storage.join(base, "_exports"))
+    assert not [f for f in left if "triplets-" in f], left
+
+
+def test_labeling_that_exports_nothing_says_why(scored_reference, bucket, tiny_model_dir, caplog):
+    cfg = job(bucket, tiny_model_dir, "empty")
+    # The tiny random model scores every pair near 0.45: default thresholds label nothing.
+    with caplog.at_level(logging.WARNING, logger="rerank_ray"):
+        report = run_labeling(cfg, LabelConfig())
+    assert report["exports"]["flagembedding_jsonl"] == {"files": [], "rows": 0}
+    (warning,) = report["warnings"]
+    assert "exported no training records" in warning
+    assert "pos_threshold 0.7" in warning and "neg_threshold 0.3" in warning
+    low, high = (float(x) for x in re.search(r"ranged (\d+\.\d+)\.\.(\d+\.\d+)", warning).groups())
+    scores = scored_reference["score_norm"].to_pylist()
+    assert low == pytest.approx(min(scores), rel=1e-3) and high == pytest.approx(
+        max(scores), rel=1e-3
+    )
+    assert warning in caplog.text
