@@ -6,13 +6,21 @@ pure per-query functions give on those scores (so shards and shuffles change not
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -20,13 +28,15 @@ import pytest
 
 from rerank_ray import pipeline, storage
 from rerank_ray.config import JobConfig
+from rerank_ray.modes import run as run_module
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.exports import FLAGEMBEDDING_KEYS, flagembedding_records
-from rerank_ray.modes.labeling import label_queries
+from rerank_ray.modes.labeling import MODE_FIELDS, label_queries
 from rerank_ray.modes.ranking import nightly_stats, rank_queries, top_k
 from rerank_ray.modes.run import run_labeling, run_nightly
 from rerank_ray.sink.location import list_files
 from tests.conftest import make_pairs, upload_table
+from tests.integration.test_multinode import assert_exactly_once, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -224,3 +234,133 @@ def test_labeling_that_exports_nothing_says_why(scored_reference, bucket, tiny_m
         max(scores), rel=1e-3
     )
     assert warning in caplog.text
+
+
+def labeled_reference(out: Path, mode: LabelConfig) -> list[dict]:
+    """FlagEmbedding records computed from the committed scored rows (mode columns dropped)."""
+    committed = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    plain = committed.drop_columns([*(f.name for f in MODE_FIELDS), "run_date"])
+    return list(flagembedding_records(label_queries(plain, mode), mode))
+
+
+def committed_records(out: Path) -> list[dict]:
+    files = sorted((out / "_exports").rglob("train-*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def input_with_labels(n: int) -> pa.Table:
+    table = make_pairs(n, seed=5)
+    return table.append_column("is_positive", pa.array([i % 7 == 0 for i in range(n)]))
+
+
+@pytest.mark.slow
+def test_labeling_killed_mid_scoring_resumes_without_rescoring(ray_local, tiny_model_dir, tmp_path):
+    table = input_with_labels(6000)
+    write_shards(table, tmp_path / "in", shards=20)
+    out = tmp_path / "out"
+    flags = ["--label-source", "given", "--hard-negative-min-rank", "1", "--margin", "0"]
+    args = [
+        *(sys.executable, "-m", "rerank_ray.cli", "labeling"),
+        *("--input", str(tmp_path / "in"), "--output", str(out)),
+        *("--model", str(tiny_model_dir), "--run-id", "label-resume"),
+        *("--batch-rows", "100", "--tokenize-actors", "1", "--num-actors", "1"),
+        *("--rows-per-file", "300", *flags),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "first-attempt.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    # The scoring stage's progress markers: kill once half the rows are staged.
+    markers = out / "_scored" / "label-resume" / "_staging" / "label-resume" / "_progress"
+    staged, deadline = 0, time.time() + 600
+    while staged < 0.5 * table.num_rows:
+        assert proc.poll() is None, "the first attempt ended before it could be killed"
+        assert time.time() < deadline, "the first attempt made no progress"
+        time.sleep(0.1)
+        staged = 0
+        for marker in markers.glob("*.json"):
+            with contextlib.suppress(ValueError):  # being written
+                staged += sum(
+                    e["scored"] + e["rejected"] + e["filtered"]
+                    for e in json.loads(marker.read_text())
+                )
+    # The driver and the Ray instance it started, at once, as a lost head node.
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert not (out / "_SUCCESS").exists()
+
+    cfg = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(out),
+        model=str(tiny_model_dir),
+        run_id="label-resume",
+        batch_rows=100,
+        rows_per_file=300,
+        tokenize_actors=1,
+        num_actors=1,
+    )
+    mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
+    report = run_labeling(cfg, mode)
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    # Finished shards were not scored again: only what was not staged.
+    assert 0 < manifest["rows_resumed"] < table.num_rows
+    assert manifest["rows_processed_this_attempt"] < 0.6 * table.num_rows
+    assert manifest["rows_resumed"] + manifest["rows_processed_this_attempt"] == table.num_rows
+    assert report["rows_resumed"] == manifest["rows_resumed"]
+    assert_exactly_once(table, out)
+    records = committed_records(out)
+    expected = labeled_reference(out, mode)
+    assert len(records) == report["exports"]["flagembedding_jsonl"]["rows"] == len(expected) > 0
+    assert _same_records(records, expected)
+    assert not (out / "_scored").exists()
+
+
+def _same_records(got: list[dict], want: list[dict]) -> bool:
+    """Equal up to float32 rounding of the scores."""
+    by_query = {r["query"]: r for r in got}
+    for w in want:
+        g = by_query[w["query"]]
+        assert (g["pos"], g["neg"]) == (w["pos"], w["neg"])
+        assert g["pos_scores"] == pytest.approx(w["pos_scores"], abs=1e-6)
+        assert g["neg_scores"] == pytest.approx(w["neg_scores"], abs=1e-6)
+    return len(by_query) == len(want)
+
+
+def test_failed_per_query_step_reruns_without_scoring_again(
+    ray_local, tiny_model_dir, tmp_path, monkeypatch
+):
+    table = input_with_labels(600)
+    write_shards(table, tmp_path / "in", shards=3)
+    cfg = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        run_id="again",
+        batch_rows=100,
+        tokenize_actors=1,
+        num_actors=1,
+    )
+    mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("the head node went away after scoring")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "_per_query", lost)
+        with pytest.raises(RuntimeError, match="went away"):
+            run_labeling(cfg, mode)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    report = run_labeling(cfg, mode)
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert manifest["rows_resumed"] == table.num_rows
+    assert manifest["rows_processed_this_attempt"] == 0
+    assert manifest["rows_scored_by_model"] == table.num_rows
+    assert_exactly_once(table, tmp_path / "out")
+    assert report["exports"]["flagembedding_jsonl"]["rows"] == len(
+        labeled_reference(tmp_path / "out", mode)
+    )
