@@ -142,6 +142,23 @@ def code_revision(code: Path) -> str:
     return head.stdout.strip() or str(code)
 
 
+def summarize(results: list[dict]) -> dict:
+    """Per checkout: driver peak RSS by size, and the largest size's over the smallest's."""
+    summary = {}
+    for code in dict.fromkeys(r["code"] for r in results):
+        runs = sorted((r for r in results if r["code"] == code), key=lambda r: r["rows"])
+        small, large = runs[0], runs[-1]
+        summary[code] = {
+            "revisions": sorted({r["revision"] for r in runs}),
+            "driver_peak_rss_mib": {str(r["rows"]): r["driver_peak_rss_mib"] for r in runs},
+            "pairs_per_s": {str(r["rows"]): r["pairs_per_s"] for r in runs},
+            "larger_over_smaller": round(
+                large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"], 3
+            ),
+        }
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[40_000, 400_000])
@@ -170,16 +187,6 @@ def main() -> None:
             result |= run_one(code.resolve(), rows, work, model)
             print(json.dumps(result), flush=True)
             results.append(result)
-    summary = {}
-    for code in {r["revision"] for r in results}:
-        runs = sorted((r for r in results if r["revision"] == code), key=lambda r: r["rows"])
-        small, large = runs[0], runs[-1]
-        summary[code] = {
-            "driver_peak_rss_mib": {str(r["rows"]): r["driver_peak_rss_mib"] for r in runs},
-            "larger_over_smaller": round(
-                large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"], 3
-            ),
-        }
     record = {
         "date": dt.date.today().isoformat(),
         "device": device(),
@@ -187,7 +194,7 @@ def main() -> None:
         "instance started by the driver; driver peak RSS = VmHWM of the driver process",
         "settings": {"batch_rows": 2048, "num_actors": 2, "tokenize_actors": 1},
         "runs": results,
-        "summary": summary,
+        "summary": summarize(results),
     }
     text = json.dumps(record, indent=2)
     if args.out:
