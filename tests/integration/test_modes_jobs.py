@@ -321,14 +321,10 @@ def test_labeling_killed_mid_scoring_resumes_without_rescoring(ray_local, tiny_m
 
 
 def _same_records(got: list[dict], want: list[dict]) -> bool:
-    """Equal up to float32 rounding of the scores."""
-    by_query = {r["query"]: r for r in got}
-    for w in want:
-        g = by_query[w["query"]]
-        assert (g["pos"], g["neg"]) == (w["pos"], w["neg"])
-        assert g["pos_scores"] == pytest.approx(w["pos_scores"], abs=1e-6)
-        assert g["neg_scores"] == pytest.approx(w["neg_scores"], abs=1e-6)
-    return len(by_query) == len(want)
+    """The same records, in any order (several queries share a text in ``make_pairs``)."""
+    return sorted(json.dumps(r, sort_keys=True) for r in got) == sorted(
+        json.dumps(r, sort_keys=True) for r in want
+    )
 
 
 def test_failed_per_query_step_reruns_without_scoring_again(
