@@ -17,12 +17,20 @@ from rerank_ray.config import ConfigError, known_key
 FIRST_STAGE_CHOICES = ("auto", "retrieval_rank", "retrieval_score", "none")
 LABEL_SOURCES = ("threshold", "given")
 SCORE_COLUMNS = ("score_norm", "score")
+# The output formats of sentence-transformers' ``util.mine_hard_negatives``.
+HARD_NEGATIVE_FORMATS = ("triplet", "n-tuple", "n-tuple-scores", "labeled-pair", "labeled-list")
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+def _f(
+    default: Any = dataclasses.MISSING,
+    help: str = "",  # noqa: A002
+    aliases: tuple[str, ...] = (),
+    **kw: Any,
+) -> Any:
+    metadata = {"help": help, "aliases": aliases}
     if isinstance(default, (list, tuple)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class LabelConfig:
     margin: float = _f(
         0.1,
         help="A hard negative scores at least this much below the query's lowest-scoring "
-        "positive (on score_column).",
+        "positive (on score_column); sentence-transformers' absolute_margin.",
+        aliases=("absolute_margin",),
     )
     max_hard_negatives: int = _f(
         15, help="Hard negatives kept per query, best-ranked first (FlagEmbedding's default 15)."
@@ -104,6 +113,19 @@ class LabelConfig:
         "steps across the observed range (score).",
     )
     histogram_bins: int = _f(50, help="Bins of the report's score histogram.")
+    relative_margin: float | None = _f(
+        None,
+        help="A hard negative scores at most (1 - this) times the query's lowest-scoring "
+        "positive (sentence-transformers' relative_margin); none: no such filter.",
+    )
+    max_score: float | None = _f(
+        None, help="A hard negative scores at most this (on score_column); none: no such filter."
+    )
+    hard_negative_format: str = _f(
+        "triplet",
+        help="sentence-transformers export format, as util.mine_hard_negatives writes it: "
+        "triplet, n-tuple, n-tuple-scores, labeled-pair or labeled-list.",
+    )
 
     def __post_init__(self) -> None:
         _choice("label_source", self.label_source, LABEL_SOURCES)
@@ -129,8 +151,13 @@ class LabelConfig:
                 f"{self.hard_negative_max_rank}; it needs 1 <= hard_negative_min_rank <= "
                 "hard_negative_max_rank."
             )
+        _choice("hard_negative_format", self.hard_negative_format, HARD_NEGATIVE_FORMATS)
         if self.margin < 0:
             raise ConfigError(f"`margin` is {self.margin}; it must be >= 0.")
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise ConfigError(
+                f"`relative_margin` is {self.relative_margin}; use a value in [0, 1) or none."
+            )
         if self.max_hard_negatives < 1:
             raise ConfigError(f"`max_hard_negatives` is {self.max_hard_negatives}; use >= 1.")
         if self.max_positives is not None and self.max_positives < 1:
@@ -149,9 +176,10 @@ def mode_config_from_dict(
 ) -> ModeConfig:
     """Build a mode config from a mapping; an unknown key is an error naming the closest one."""
     valid = [f.name for f in fields(cls)]
+    aliases = {a: f.name for f in fields(cls) for a in f.metadata.get("aliases", ())}
     normalized: dict[str, Any] = {}
     for key, value in data.items():
-        name = known_key(key, valid, source)
+        name = known_key(aliases.get(key, key), valid, source)
         normalized[name] = _coerce(cls, name, value, source)
     return cls(**normalized)
 
@@ -161,9 +189,9 @@ def add_mode_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     they don't override values from a file (values stay strings; ``from_dict`` coerces)."""
     group = parser.add_argument_group(f"{cls.__name__} options")
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + name.replace("_", "-") for name in (f.name, *f.metadata["aliases"])]
         group.add_argument(
-            flag, dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help")
+            *flags, dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help")
         )
 
 

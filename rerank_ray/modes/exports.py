@@ -1,5 +1,5 @@
-"""Training-data exports built from labeled rows (``labeling.label_queries`` output, or the
-same rows read back from a run's committed Parquet, in any order).
+"""Training-data exports built from labeled rows (``labeling.label_queries`` output, or one
+block of whole queries of a run, in any order).
 
 - FlagEmbedding fine-tuning JSONL, one line per query that has a positive and a hard
   negative: ``{"query", "pos", "neg", "pos_scores", "neg_scores"}``. Field names and types as
@@ -9,10 +9,25 @@ same rows read back from a run's committed Parquet, in any order).
   sampled from ``len(data['neg'])`` — so both must be non-empty — and with
   ``knowledge_distillation`` every ``pos_scores``/``neg_scores`` entry must be an int/float).
   No other keys: ``datasets.concatenate_datasets`` there needs the same columns in every file.
-- sentence-transformers Parquet: ``(query, positive, negative)`` triplets (each exported
-  positive with each hard negative) and ``(query, passage, score)`` distillation rows for every
-  scored candidate. Only those columns: sentence-transformers feeds every non-label column to
-  the loss, and takes a column named ``score`` (or ``label``) as the label.
+- sentence-transformers hard negatives in the format ``hard_negative_format`` names, with the
+  columns ``sentence_transformers.util.mine_hard_negatives`` (v5) writes for a dataset whose
+  anchor column is ``query`` and positive column ``positive``:
+
+  - ``triplet``: ``(query, positive, negative)``, each positive with each hard negative;
+  - ``n-tuple``: ``(query, positive, negative_1, ..., negative_n)``, one row per positive of
+    a query with exactly ``n = max_hard_negatives`` hard negatives (others are left out, as
+    there); ``n-tuple-scores`` adds ``score``: [positive score, negative scores...];
+  - ``labeled-pair``: ``(query, positive, label)``, every positive of a query with label 1
+    and each of its hard negatives with label 0 (the column holds both, as there);
+  - ``labeled-list``: ``(query, positive, labels)``, per positive of a query with a hard
+    negative: [positive, hard negatives...] and [1, 0, ...].
+
+- ``(query, passage, score)`` distillation rows for every scored candidate. Only those
+  columns: sentence-transformers feeds every non-label column to the loss, and takes a column
+  named ``score`` (or ``label``) as the label.
+
+Scores are ``teacher_score``. Every builder works on any set of whole queries, so a run
+builds each export per block of queries and writes one shard per block.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from rerank_ray import schema
-from rerank_ray.modes.config import LabelConfig
+from rerank_ray.modes.config import HARD_NEGATIVE_FORMATS, LabelConfig
 from rerank_ray.modes.labeling import HARD_NEGATIVE, LABEL, POS
 from rerank_ray.modes.ranking import RANK, split_rejected
 
@@ -64,17 +79,69 @@ def flagembedding_records(labeled: pa.Table, cfg: LabelConfig) -> Iterator[dict]
         }
 
 
-def sentence_transformers_triplets(labeled: pa.Table, cfg: LabelConfig) -> pa.Table:
-    """``(query, positive, negative)`` rows: every exported positive with every hard negative."""
-    rows: dict[str, list[str]] = {"query": [], "positive": [], "negative": []}
+# File stem of each format's shards (``sentence_transformers/<stem>-00000.parquet``).
+HARD_NEGATIVE_STEMS = dict(
+    zip(
+        HARD_NEGATIVE_FORMATS,
+        ("triplets", "n-tuples", "n-tuples-scores", "labeled-pairs", "labeled-lists"),
+        strict=True,
+    )
+)
+
+
+def hard_negative_schema(cfg: LabelConfig) -> pa.Schema:
+    """The Arrow schema of ``cfg.hard_negative_format``'s rows."""
+    fmt, text = cfg.hard_negative_format, pa.string()
+    if fmt == "triplet":
+        return TRIPLET_SCHEMA
+    if fmt in ("n-tuple", "n-tuple-scores"):
+        negatives = [(f"negative_{i}", text) for i in range(1, cfg.max_hard_negatives + 1)]
+        scores = [("score", pa.list_(pa.float32()))] if fmt == "n-tuple-scores" else []
+        return pa.schema([("query", text), ("positive", text), *negatives, *scores])
+    if fmt == "labeled-pair":
+        return pa.schema([("query", text), ("positive", text), ("label", pa.int64())])
+    return pa.schema(
+        [("query", text), ("positive", pa.list_(text)), ("labels", pa.list_(pa.int64()))]
+    )
+
+
+def hard_negative_rows(labeled: pa.Table, cfg: LabelConfig) -> pa.Table:
+    """The sentence-transformers hard-negative rows of ``cfg.hard_negative_format`` (see the
+    module docstring), in (query_id, rank) order."""
+    fmt = cfg.hard_negative_format
+    target = hard_negative_schema(cfg)
+    rows: dict[str, list] = {name: [] for name in target.names}
+
+    def add(**values) -> None:
+        for name, value in values.items():
+            rows[name].append(value)
+
     for _, group in _query_groups(labeled, cfg.teacher_score):
-        negatives = group.loc[group[HARD_NEGATIVE], schema.DOC].tolist()
-        for positive in _positives(group, cfg)[schema.DOC]:
-            for negative in negatives:
-                rows["query"].append(group[schema.QUERY].iloc[0])
-                rows["positive"].append(positive)
-                rows["negative"].append(negative)
-    return pa.table(rows, schema=TRIPLET_SCHEMA)
+        query = group[schema.QUERY].iloc[0]
+        pos = _positives(group, cfg)
+        neg = group[group[HARD_NEGATIVE]]
+        negatives, neg_scores = neg[schema.DOC].tolist(), [float(s) for s in neg["_teacher"]]
+        if fmt == "labeled-pair":
+            for doc in pos[schema.DOC]:
+                add(query=query, positive=doc, label=1)
+            if len(pos):
+                for doc in negatives:
+                    add(query=query, positive=doc, label=0)
+            continue
+        if not negatives:
+            continue
+        for doc, score in zip(pos[schema.DOC], pos["_teacher"], strict=True):
+            if fmt == "triplet":
+                for negative in negatives:
+                    add(query=query, positive=doc, negative=negative)
+            elif fmt == "labeled-list":
+                add(query=query, positive=[doc, *negatives], labels=[1] + [0] * len(negatives))
+            elif len(negatives) == cfg.max_hard_negatives:
+                add(query=query, positive=doc)
+                add(**{f"negative_{i}": n for i, n in enumerate(negatives, start=1)})
+                if fmt == "n-tuple-scores":
+                    add(score=[float(score), *neg_scores])
+    return pa.table(rows, schema=target)
 
 
 def sentence_transformers_distillation(labeled: pa.Table, cfg: LabelConfig) -> pa.Table:

@@ -1,4 +1,4 @@
-"""What one query group becomes inside the pipeline (``map_groups``): pure, no Ray.
+"""What a block of whole queries becomes in a mode's per-query step (``stage.py``): pure, no Ray.
 
 The job's sink checks that every row read comes out exactly once, scored or rejected. The
 modes keep that invariant: a row a mode leaves out is not dropped but marked, with a

@@ -6,9 +6,12 @@ Pure functions on pyarrow Tables, no Ray; a table holds whole queries (see ``ran
   pos when ``score_column >= pos_threshold``, neg when ``<= neg_threshold`` (NaN: unlabeled).
   With ``label_source: given``, from the input's ``is_positive`` (true / false / null).
 - ``hard_negative``: a neg whose rank lies in the window
-  ``[hard_negative_min_rank, hard_negative_max_rank]`` and whose ``score_column`` is at least
-  ``margin`` below the query's lowest-scoring positive; at most ``max_hard_negatives`` per
-  query, best-ranked first. A query without positives has none (no reference score).
+  ``[hard_negative_min_rank, hard_negative_max_rank]`` and whose ``score_column`` passes the
+  margin filters of sentence-transformers' ``mine_hard_negatives``, against the query's
+  lowest-scoring positive ``p``: ``value <= p - margin`` (its ``absolute_margin``),
+  ``value <= p * (1 - relative_margin)`` and ``value <= max_score`` when those are set; at
+  most ``max_hard_negatives`` per query, best-ranked first. A query without positives has
+  none (no reference score).
 - Rejected rows pass through unchanged with null mode columns.
 """
 
@@ -100,6 +103,10 @@ def _hard_negatives(
         & np.isfinite(lowest_pos)
         & (value <= lowest_pos - cfg.margin)
     )
+    if cfg.relative_margin is not None:
+        candidate &= value <= lowest_pos * (1 - cfg.relative_margin)
+    if cfg.max_score is not None:
+        candidate &= value <= cfg.max_score
     # Rows are in rank order within a query: count candidates so far and keep the first N.
     running = np.cumsum(candidate)
     before_group = (running - candidate)[starts][group_of_row]

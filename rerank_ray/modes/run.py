@@ -1,186 +1,277 @@
-"""Run a job mode: the scoring pipeline with the mode's per-query transform, then the mode's
-report and exports, built by reading back the rows the run committed.
+"""Run a job mode in two stages, each resumable: score the pairs, then the mode's per-query
+step; commit both as one run, with the exports sharded and the statistics merged from
+partials (the driver never holds the run's rows).
 
-    nightly:  pipeline.run(cfg, transform) -> read back -> <output>/_exports/<run_id>/report.json
-    labeling: pipeline.run(cfg, transform) -> read back -> report.json, score_histogram.png,
-              flagembedding/train.jsonl, sentence_transformers/{triplets,distillation}.parquet
+1. Scoring: a plain run into ``<output>/_scored/<run_id>/`` (no partitions). A killed
+   attempt rerun with the same ``--run-id`` keeps the shards it had finished (the plain
+   run's resume); once this stage has committed, a rerun does not score again.
+2. Per-query step (``stage.py``): the scored rows hash-partitioned by query into blocks of
+   whole queries; per block, the mode's rows, its export shards and partial statistics,
+   staged under ``<output>/_staging/<run_id>/``. A killed attempt redoes this stage only.
+   The scoring stage's rejected rows are carried over as they are.
+3. Commit: the mode's rows and every export shard move into place and are listed in the
+   manifest (a rerun replaces them); the partials merged on the driver make the report;
+   then the scoring stage's files are deleted.
 
-The report of the latest run is also written to ``<output>/_mode_report.json``. Every path
-starts with ``_``, so readers of the partitioned output (pyarrow.dataset, DuckDB) skip it.
+Layout of a run (every path starts with ``_`` except the rows, so readers skip it)::
+
+    run_date=.../part-*.parquet, _rejects/   the mode's rows, as a plain run's
+    _exports/<run_id>/report.json            the mode report (also _mode_report.json)
+    _exports/<run_id>/flagembedding/train-00000.jsonl, ...           (labeling)
+    _exports/<run_id>/sentence_transformers/<format>-00000.parquet, ... (labeling)
+    _exports/<run_id>/sentence_transformers/distillation-00000.parquet, ... (labeling)
+    _exports/<run_id>/score_histogram.png                           (labeling)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from rerank_ray import pipeline, schema, storage
-from rerank_ray.config import ConfigError, JobConfig
-from rerank_ray.modes import exports
+from rerank_ray import cluster, pipeline, schema, storage
+from rerank_ray.config import JobConfig
+from rerank_ray.modes import finish
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.groups import labeling_group, nightly_group
-from rerank_ray.modes.labeling import MODE_FIELDS, label_stats
-from rerank_ray.modes.ranking import RANK_COLUMNS, nightly_stats
-from rerank_ray.modes.report import histogram_png, score_report
-from rerank_ray.sink.location import OutputLocation, make_dirs, write_bytes
+from rerank_ray.modes.labeling import MODE_FIELDS
+from rerank_ray.modes.ranking import RANK_COLUMNS
+from rerank_ray.modes.stage import (
+    BlockResult,
+    Export,
+    collect,
+    merge_partials,
+    process_block,
+    whole_query_blocks,
+)
+from rerank_ray.sink import OutputLocation, RerankSink, acquire_lock, discard_staging, release_lock
+from rerank_ray.sink.location import delete_dir, list_files, make_dirs, read_json, write_bytes
+from rerank_ray.sink.records import Entry
 
 log = logging.getLogger("rerank_ray")
 
 MODE_REPORT_NAME = "_mode_report.json"
-
-
-def per_query(fn: Callable[[pa.Table], pa.Table]) -> Callable[[Any], Any]:
-    """A Dataset transform applying ``fn`` to each query's rows, across all shards."""
-
-    def transform(ds):
-        import ray
-
-        # One shuffle partition per CPU: Ray's default (200) makes 200 write tasks and as
-        # many small files per partition, whatever the data size.
-        partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        grouped = ds.groupby(schema.QUERY_ID, num_partitions=partitions)
-        return grouped.map_groups(fn, batch_format="pyarrow")
-
-    return transform
+SCORED_DIR = "_scored"
 
 
 @dataclass(frozen=True)
 class Mode:
-    """A job mode as data: its typed config, what each query group becomes inside the
-    pipeline, the rows it leaves out on purpose, and what it builds from the committed run."""
+    """A job mode as data: its typed config, what a block of whole queries becomes (rows,
+    exports, partial statistics: on the workers), and the report built from the merged
+    partials on the driver."""
 
     name: str
     config_cls: type
     description: str
-    group: Callable[[pa.Table, Any], pa.Table]  # one query's rows -> as many rows, marked
-    finish: Callable[[OutputLocation, dict[str, Any], pa.Table, Any], dict[str, Any]]
+    group: Callable[[pa.Table, Any], pa.Table]  # whole queries' rows -> as many rows, marked
+    partials: Callable[..., dict[str, Any]]  # (rows, cfg, value_range) -> addable objects
+    finish: Callable[..., dict[str, Any]]  # (out, manifest, merged, exports, cfg) -> report
+    exports: Callable[[Any], tuple[Export, ...]] = lambda cfg: ()
+    value_range_column: Callable[[Any], str | None] = lambda cfg: None  # its run-wide range
     filtered_reasons: tuple[str, ...] = ()
     check: Callable[[JobConfig, Any], None] | None = None  # before anything runs
     columns: tuple[str, ...] = ()  # the columns the mode adds (refused as input columns)
 
 
 def run_mode(mode: Mode, job: JobConfig, cfg: Any) -> dict[str, Any]:
-    """Score with the mode's per-query transform, commit, then write the mode's report (and
-    exports) from the rows the run committed; returns the report."""
+    """Score, run the mode's per-query step, commit the rows and exports; write and return
+    the mode report."""
     if mode.check is not None:
         mode.check(job, cfg)
+    started = time.time()
     job = job.with_defaults_resolved()
-    manifest = pipeline.run(
-        job,
-        transform=per_query(lambda table: mode.group(table, cfg)),
-        filtered_reasons=mode.filtered_reasons,
-        reserved_columns=mode.columns,
-    )
     out = pipeline.output_location(job)
-    table = read_committed(out, manifest)
-    report = _report_head(manifest, mode.name, cfg) | mode.finish(out, manifest, table, cfg)
-    _write_report(out, report)
+    lock = out.lock(job.effective_run_date, job.partition_by)
+    acquire_lock(out, lock)
+    try:
+        scored_out, scored_now = _score(mode, job)
+        manifest, merged, exported = _per_query(
+            mode, job, cfg, out, scored_out, scored_now, started
+        )
+        report = _report_head(manifest, mode.name, cfg) | mode.finish(
+            out, manifest, merged, exported, cfg
+        )
+        _write_report(out, report)
+        _delete_scored(scored_out)
+    finally:
+        release_lock(out, lock)
+    print(summary_line(mode.name, manifest, time.time() - started), flush=True)
     return report
 
 
-def _finish_nightly(out, manifest, table: pa.Table, cfg: NightlyConfig) -> dict[str, Any]:
-    return {"stats": nightly_stats(table, cfg.effective_overlap_k).to_dict()}
-
-
-def _check_labeling(job: JobConfig, cfg: LabelConfig) -> None:
-    missing = [c for c in (schema.QUERY, schema.DOC) if not _kept(job, c)]
-    if missing:
-        raise ConfigError(
-            f"Labeling exports need the text columns {missing}, but keep_columns drops them; "
-            "add them to keep_columns or leave keep_columns unset."
+def _score(mode: Mode, job: JobConfig) -> tuple[OutputLocation, bool]:
+    """Stage 1 (see the module docstring): (its location, scored in this attempt?)."""
+    scored_job = dataclasses.replace(
+        job, output=storage.join(job.output, SCORED_DIR, job.run_id), partition_by=[]
+    )
+    scored_out = pipeline.output_location(scored_job)
+    previous = read_json(scored_out.fs, scored_out.manifest)
+    same_job = json.loads(json.dumps(scored_job.to_dict()))
+    if previous is not None and previous.get("config") == same_job:
+        log.info(
+            "run %s: its scoring stage was committed by an earlier attempt (%d rows); "
+            "not scoring again",
+            job.run_id,
+            previous["rows_read"],
         )
+        return scored_out, False
+    pipeline.run(scored_job, reserved_columns=mode.columns)
+    return scored_out, True
 
 
-def _finish_labeling(out, manifest, table: pa.Table, cfg: LabelConfig) -> dict[str, Any]:
-    fs, run_dir = out.fs, out.exports
-    paths = {
-        "flagembedding_jsonl": storage.join(run_dir, "flagembedding", "train.jsonl"),
-        "triplets_parquet": storage.join(run_dir, "sentence_transformers", "triplets.parquet"),
-        "distillation_parquet": storage.join(
-            run_dir, "sentence_transformers", "distillation.parquet"
-        ),
-        "score_histogram_png": storage.join(run_dir, "score_histogram.png"),
-    }
-    make_dirs(fs, *{p.rsplit("/", 1)[0] for p in paths.values()})
-    records = exports.write_jsonl(
-        exports.flagembedding_records(table, cfg), paths["flagembedding_jsonl"], fs
+def _per_query(mode, job, cfg, out, scored_out, scored_now, started):
+    """Stage 2 and the commit; returns (manifest, merged partials, exports by name)."""
+    import ray.data
+
+    scored = read_json(scored_out.fs, scored_out.manifest)
+    data = [scored_out.path(f) for f in scored["files"] if not f.startswith("_")]
+    rejects = [scored_out.path(f) for f in scored["files"] if f.startswith(schema.REJECTS_DIR)]
+    discard_staging(out)  # what an earlier attempt's per-query step staged
+    sink = RerankSink(
+        out,
+        run_date=job.effective_run_date,
+        partition_by=job.partition_by,
+        expected_rows=scored["rows_read"],
+        manifest_extra=_manifest_extra(mode, job, scored),
+        reject_columns=_reject_columns(scored_out.fs, rejects or data),
+        filtered_reasons=mode.filtered_reasons,
+        rows_per_file=job.rows_per_file,
+        late_manifest_extra=_scoring_counts(scored, scored_now, started),
     )
-    triplets = exports.sentence_transformers_triplets(table, cfg)
-    exports.write_parquet(triplets, paths["triplets_parquet"], fs)
-    distillation = exports.sentence_transformers_distillation(table, cfg)
-    exports.write_parquet(distillation, paths["distillation_parquet"], fs)
-    value_range = None
-    if cfg.score_column == schema.SCORE:
-        low_high = pc.min_max(table[schema.SCORE])
-        value_range = (low_high["min"].as_py(), low_high["max"].as_py())
-    scores = score_report(table, cfg, value_range)
-    with fs.open_output_stream(paths["score_histogram_png"]) as stream:
-        stream.write(histogram_png(scores, cfg))
-    counts = {
-        "flagembedding_jsonl": records,
-        "triplets_parquet": triplets.num_rows,
-        "distillation_parquet": distillation.num_rows,
-    }
+    sink.started = started
+    results: list[BlockResult] = []
+    if data:
+        cluster.init_ray(job)
+        ds = ray.data.read_parquet(data, filesystem=scored_out.fs)
+        column = mode.value_range_column(cfg)
+        value_range = _value_range(ds, column) if column else None
+        partitions = max(
+            int(ray.cluster_resources().get("CPU", 1)),
+            math.ceil(scored["rows_scored"] / job.rows_per_file),
+        )
+        ds = whole_query_blocks(ds, partitions).map_batches(
+            process_block,
+            batch_size=None,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "group": mode.group,
+                "exports": mode.exports(cfg),
+                "partials": functools.partial(mode.partials, value_range=value_range),
+                "cfg": cfg,
+                "sink": sink,
+            },
+        )
+        results = collect(ds)
+    carried = _carry_rejects(out, scored, rejects)
+    exports_entry, exported = _number_exports(out, mode.exports(cfg), results)
+    entries = [Entry(**e) for r in results for e in r.entries]
+    manifest = sink.commit([carried, exports_entry, *entries])
+    return manifest, merge_partials(results), exported
+
+
+def _manifest_extra(mode: Mode, job: JobConfig, scored: dict[str, Any]) -> dict[str, Any]:
+    keep = ("model", "input", "input_files", "ray_version", "weights_sha256")
     return {
-        "stats": label_stats(table).to_dict(),
-        "exports": {
-            name: {"path": out.relative(path), "rows": counts.get(name)}
-            for name, path in paths.items()
-        },
-        "score_report": scores.to_dict(),
+        **{k: scored[k] for k in keep if k in scored},
+        "output": job.output,
+        "mode": mode.name,
+        # The config holds no secrets: credentials never enter it.
+        "config": job.to_dict(),
     }
 
 
-NIGHTLY = Mode(
-    name="nightly",
-    config_cls=NightlyConfig,
-    description="Nightly rerank: rank every query, keep the top K.",
-    group=nightly_group,
-    finish=_finish_nightly,
-    filtered_reasons=(schema.RejectReason.BELOW_TOP_K,),
-    columns=RANK_COLUMNS,
-)
-LABELING = Mode(
-    name="labeling",
-    config_cls=LabelConfig,
-    description="Training-data labeling: labels, hard negatives, FlagEmbedding / "
-    "sentence-transformers exports and a score report.",
-    group=labeling_group,
-    finish=_finish_labeling,
-    check=_check_labeling,
-    columns=tuple(f.name for f in MODE_FIELDS),
-)
-MODES = {mode.name: mode for mode in (NIGHTLY, LABELING)}
+def _scoring_counts(
+    scored: dict[str, Any], scored_now: bool, started: float
+) -> Callable[[], dict[str, Any]]:
+    """Manifest fields about the scoring, filled at commit time. They replace the sink's own
+    (spread after them): the per-query step moves rows, the scoring stage is what resumes."""
+    this_attempt = scored["rows_processed_this_attempt"] if scored_now else 0
+    model_scored = round((scored["pairs_per_s"] or 0) * scored["wall_time_s"]) if scored_now else 0
+
+    def counts() -> dict[str, Any]:
+        wall = time.time() - started
+        return {
+            "rows_scored_by_model": scored["rows_scored"],
+            "rows_resumed": scored["rows_read"] - this_attempt,
+            "rows_processed_this_attempt": this_attempt,
+            "pairs_per_s": round(model_scored / wall, 2) if wall > 0 else None,
+        }
+
+    return counts
 
 
-def run_nightly(job: JobConfig, cfg: NightlyConfig) -> dict[str, Any]:
-    """Score, keep each query's top-k, commit; return the mode report (also written)."""
-    return run_mode(NIGHTLY, job, cfg)
-
-
-def run_labeling(job: JobConfig, cfg: LabelConfig) -> dict[str, Any]:
-    """Score, label, commit the labeled pairs; write the exports and the report."""
-    return run_mode(LABELING, job, cfg)
-
-
-def read_committed(out: OutputLocation, manifest: dict[str, Any]) -> pa.Table:
-    """The scored rows this run committed (its manifest's files, not older runs' ones)."""
-    files = [
-        out.path(f) for f in manifest["files"] if not f.startswith("_") and f.endswith(".parquet")
-    ]
+def _reject_columns(fs, files: list[str]) -> list[str] | None:
+    """Columns of the rows the mode marks (duplicates): those of the scoring stage's rejects
+    (input columns), so every file under ``_rejects/`` has one schema."""
     if not files:
-        return pa.table({})
-    dataset = pads.dataset(
-        files, filesystem=out.fs, format="parquet", partitioning="hive", partition_base_dir=out.base
+        return None
+    names = pq.read_schema(files[0], filesystem=fs).names
+    return [n for n in names if n not in schema.OUTPUT_COLUMNS and n != schema.REJECT_REASON]
+
+
+def _value_range(ds, column: str) -> tuple[float, float] | None:
+    """The run-wide (min, max) of ``column``, so the blocks' histograms share their bins."""
+    from ray.data.aggregate import Max, Min
+
+    bounds = ds.select_columns([column]).aggregate(Min(column), Max(column))
+    low, high = bounds[f"min({column})"], bounds[f"max({column})"]
+    return None if low is None or high is None else (float(low), float(high))
+
+
+def _carry_rejects(out: OutputLocation, scored: dict[str, Any], files: list[str]) -> Entry:
+    """Copy the scoring stage's rejected rows into this run's staging, as one entry."""
+    fs = out.fs
+    target_dir = storage.join(out.staging, schema.REJECTS_DIR)
+    make_dirs(fs, target_dir)
+    copies = []
+    for path in files:
+        copy = storage.join(target_dir, path.rsplit("/", 1)[1])
+        fs.copy_file(path, copy)  # a copy: a rerun after a failed commit still has them
+        copies.append(copy)
+    return Entry(
+        source=None,
+        rejected=scored["rows_rejected"],
+        reasons=dict(scored["rejects_by_reason"]),
+        files=copies,
     )
-    return dataset.to_table()
+
+
+def _number_exports(
+    out: OutputLocation, exports: tuple[Export, ...], results: list[BlockResult]
+) -> tuple[Entry, dict[str, dict[str, Any]]]:
+    """Rename the staged export shards ``<stem>-00000`` ... in the blocks' order; returns
+    their entry (no rows) and, per export, the committed paths and row count."""
+    fs = out.fs
+    staged_dir = storage.join(out.staging, out.relative(out.exports))
+    entry, exported = Entry(source=None), {}
+    for export in exports:
+        shards = [r.exports[export.name] for r in results if export.name in r.exports]
+        files, rows = [], 0
+        for number, (path, count) in enumerate(shards):
+            numbered = export.shard(staged_dir, f"{number:05d}")
+            fs.move(path, numbered)
+            entry.files.append(numbered)
+            files.append(out.relative(export.shard(out.exports, f"{number:05d}")))
+            rows += count
+        exported[export.name] = {"files": files, "rows": rows}
+    return entry, exported
+
+
+def _delete_scored(scored_out: OutputLocation) -> None:
+    """Delete the scoring stage's files (and ``_scored/`` when no other run has any)."""
+    delete_dir(scored_out.fs, scored_out.base)
+    parent = scored_out.base.rsplit("/", 1)[0]
+    if not list_files(scored_out.fs, parent):
+        delete_dir(scored_out.fs, parent)
 
 
 def _report_head(manifest: dict[str, Any], mode: str, cfg) -> dict[str, Any]:
@@ -189,10 +280,19 @@ def _report_head(manifest: dict[str, Any], mode: str, cfg) -> dict[str, Any]:
         "run_id": manifest["run_id"],
         "run_date": manifest["run_date"],
         "mode_config": cfg.__dict__.copy(),
-        "rows_read": manifest["rows_read"],
-        "rows_scored": manifest["rows_scored"],
-        "rows_rejected": manifest["rows_rejected"],
-        "rejects_by_reason": manifest["rejects_by_reason"],
+        **{
+            k: manifest[k]
+            for k in (
+                "rows_read",
+                "rows_scored_by_model",
+                "rows_scored",
+                "rows_rejected",
+                "rejects_by_reason",
+                "rows_filtered",
+                "filtered_by_reason",
+                "rows_resumed",
+            )
+        },
     }
 
 
@@ -203,8 +303,51 @@ def _write_report(out: OutputLocation, report: dict[str, Any]) -> None:
     log.info("mode report of run %s written under %s", out.run_id, out.display(out.exports))
 
 
-def _kept(job: JobConfig, canonical: str) -> bool:
-    if job.keep_columns is None:
-        return True
-    original = {v: k for k, v in job.column_map.items()}[canonical]
-    return original in job.keep_columns
+def summary_line(mode: str, manifest: dict[str, Any], wall: float) -> str:
+    """One line for the end of a mode run: what the model scored, what the mode kept."""
+    filtered = ", ".join(f"{n} {r}" for r, n in manifest["filtered_by_reason"].items())
+    return (
+        f"rerank-ray {mode} run {manifest['run_id']} committed: {manifest['rows_read']} rows "
+        f"read, {manifest['rows_scored_by_model']} scored by the model "
+        f"({manifest['rows_resumed']} kept from an earlier attempt), "
+        f"{manifest['rows_rejected']} rejected, {manifest['rows_filtered']} filtered"
+        f"{f' ({filtered})' if filtered else ''}, {manifest['rows_scored']} rows written; "
+        f"{manifest['pairs_per_s']} pairs/s scored end to end, {wall:.1f} s -> "
+        f"{manifest['output']}"
+    )
+
+
+NIGHTLY = Mode(
+    name="nightly",
+    config_cls=NightlyConfig,
+    description="Nightly rerank: rank every query, keep the top K.",
+    group=nightly_group,
+    partials=finish.nightly_partials,
+    finish=finish.nightly_finish,
+    filtered_reasons=(schema.RejectReason.BELOW_TOP_K,),
+    columns=RANK_COLUMNS,
+)
+LABELING = Mode(
+    name="labeling",
+    config_cls=LabelConfig,
+    description="Training-data labeling: labels, hard negatives, FlagEmbedding / "
+    "sentence-transformers exports and a score report.",
+    group=labeling_group,
+    partials=finish.labeling_partials,
+    finish=finish.labeling_finish,
+    exports=finish.labeling_exports,
+    value_range_column=finish.labeling_range_column,
+    check=finish.check_labeling,
+    columns=tuple(f.name for f in MODE_FIELDS),
+)
+MODES = {mode.name: mode for mode in (NIGHTLY, LABELING)}
+
+
+def run_nightly(job: JobConfig, cfg) -> dict[str, Any]:
+    """Score, keep each query's top-k, commit; return the mode report (also written)."""
+    return run_mode(NIGHTLY, job, cfg)
+
+
+def run_labeling(job: JobConfig, cfg) -> dict[str, Any]:
+    """Score, label, commit the labeled pairs and the exports; return the report."""
+    return run_mode(LABELING, job, cfg)

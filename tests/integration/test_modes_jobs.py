@@ -6,10 +6,21 @@ pure per-query functions give on those scores (so shards and shuffles change not
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import logging
 import math
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -17,12 +28,15 @@ import pytest
 
 from rerank_ray import pipeline, storage
 from rerank_ray.config import JobConfig
+from rerank_ray.modes import run as run_module
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.exports import FLAGEMBEDDING_KEYS, flagembedding_records
-from rerank_ray.modes.labeling import label_queries
+from rerank_ray.modes.labeling import MODE_FIELDS, label_queries
 from rerank_ray.modes.ranking import nightly_stats, rank_queries, top_k
 from rerank_ray.modes.run import run_labeling, run_nightly
+from rerank_ray.sink.location import list_files
 from tests.conftest import make_pairs, upload_table
+from tests.integration.test_multinode import assert_exactly_once, write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -122,49 +136,227 @@ def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, t
     for name in ("queries", "candidates", "compared_queries", "top1_changed"):
         assert report["stats"][name] == want_stats[name]
     assert report["stats"]["mean_overlap_at_3"] == pytest.approx(want_stats["mean_overlap_at_3"])
+    # The stats count what the manifest counts (issue 11: they said 0 rejected against 2).
+    assert report["stats"]["rejected_rows"] == manifest["rows_rejected"] == sum(reasons.values())
+    assert manifest["rows_rejected"] == 2  # the empty doc and the duplicate pair
+    assert report["stats"]["filtered_rows"] == manifest["rows_filtered"] == below
+    assert report["stats"]["rows_scored_by_model"] == scored_reference.num_rows
+    assert report["stats"]["rows_kept"] == manifest["rows_scored"]
     assert json.loads(read_bytes(cfg, "_mode_report.json")) == json.loads(
         json.dumps(report, default=float)
     )
+    # The scoring stage is gone once the run is committed.
+    fs, base = storage.resolve(cfg.output, pipeline.s3_settings(cfg))
+    assert not list_files(fs, storage.join(base, "_scored"))
+
+
+def read_jsonl_shards(cfg: JobConfig, files: list[str]) -> list[dict]:
+    return [json.loads(line) for f in files for line in read_bytes(cfg, f).decode().splitlines()]
 
 
 def test_labeling_exports(scored_reference, bucket, tiny_model_dir, tmp_path):
-    cfg = job(bucket, tiny_model_dir, "labels")
+    cfg = dataclasses.replace(job(bucket, tiny_model_dir, "labels"), run_id="labels-1")
     mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
     report = run_labeling(cfg, mode)
+    exports = report["exports"]
+    manifest = json.loads(read_bytes(cfg, "_SUCCESS"))
 
-    lines = read_bytes(cfg, report["exports"]["flagembedding_jsonl"]["path"]).decode()
-    records = [json.loads(line) for line in lines.splitlines()]
+    # Sharded exports, every shard listed in the manifest (so a rerun replaces them).
+    fe_files = exports["flagembedding_jsonl"]["files"]
+    assert len(fe_files) > 1, fe_files  # one shard per block of queries
+    assert fe_files == [
+        f"_exports/labels-1/flagembedding/train-{i:05d}.jsonl" for i in range(len(fe_files))
+    ]
+    for name in ("flagembedding_jsonl", "hard_negatives_parquet", "distillation_parquet"):
+        assert set(exports[name]["files"]) <= set(manifest["files"])
+    records = read_jsonl_shards(cfg, fe_files)
     expected = list(flagembedding_records(label_queries(scored_reference, mode), mode))
     assert len(records) == len(expected) == report["stats"]["exportable_queries"] > 0
-    for got, want in zip(records, expected, strict=True):
+    assert len(records) == exports["flagembedding_jsonl"]["rows"]
+    by_query = {r["query"]: r for r in records}
+    assert len(by_query) == len(records)
+    for want in expected:
+        got = by_query[want["query"]]
         assert tuple(got) == FLAGEMBEDDING_KEYS
         assert got["pos"] == want["pos"] and got["neg"] == want["neg"]
         assert got["pos_scores"] == pytest.approx(want["pos_scores"], abs=1e-6)
         assert all(isinstance(s, float) and math.isfinite(s) for s in got["neg_scores"])
 
-    fs, base = storage.resolve(cfg.output, pipeline.s3_settings(cfg))
-    triplets = pq.read_table(
-        storage.join(base, report["exports"]["triplets_parquet"]["path"]), filesystem=fs
-    )
-    assert triplets.column_names == ["query", "positive", "negative"]
-    assert triplets.num_rows == sum(len(r["pos"]) * len(r["neg"]) for r in records)
-    distill = pq.read_table(
-        storage.join(base, report["exports"]["distillation_parquet"]["path"]), filesystem=fs
-    )
-    assert distill.column_names == ["query", "passage", "score"]
-    assert distill.num_rows == scored_reference.num_rows - 1  # the duplicate pair, once
-    # sentence-transformers reads training data through `datasets`: load both exports so.
+    # sentence-transformers reads training data through `datasets`: load every shard so.
     from datasets import load_dataset
 
-    for name, columns in (
-        ("triplets_parquet", ["query", "positive", "negative"]),
-        ("distillation_parquet", ["query", "passage", "score"]),
-    ):
-        local = tmp_path / f"{name}.parquet"
-        local.write_bytes(read_bytes(cfg, report["exports"][name]["path"]))
-        loaded = load_dataset("parquet", data_files=str(local), split="train")
-        assert loaded.column_names == columns
-        assert loaded.num_rows == report["exports"][name]["rows"]
-    png = read_bytes(cfg, report["exports"]["score_histogram_png"]["path"])
+    def load(name: str):
+        local = []
+        for i, f in enumerate(exports[name]["files"]):
+            path = tmp_path / f"{name}-{i:05d}.parquet"
+            path.write_bytes(read_bytes(cfg, f))
+            local.append(str(path))
+        return load_dataset("parquet", data_files=local, split="train")
+
+    triplets = load("hard_negatives_parquet")
+    assert triplets.column_names == ["query", "positive", "negative"]
+    assert triplets.num_rows == sum(len(r["pos"]) * len(r["neg"]) for r in records)
+    assert triplets.num_rows == exports["hard_negatives_parquet"]["rows"]
+    distill = load("distillation_parquet")
+    assert distill.column_names == ["query", "passage", "score"]
+    assert distill.num_rows == scored_reference.num_rows - 1  # the duplicate pair, once
+    assert distill.num_rows == exports["distillation_parquet"]["rows"]
+    png = read_bytes(cfg, exports["score_histogram_png"]["files"][0])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(report["score_report"]["histogram"]["counts"]) == distill.num_rows
+    assert report["stats"]["rejected_rows"] == manifest["rows_rejected"]
+    assert report["warnings"] == []
+
+    # A rerun of the run id with another format replaces the exports of the first commit.
+    mode2 = LabelConfig(**{**mode.__dict__, "hard_negative_format": "labeled-list"})
+    report2 = run_labeling(cfg, mode2)
+    manifest2 = json.loads(read_bytes(cfg, "_SUCCESS"))
+    lists = report2["exports"]["hard_negatives_parquet"]["files"]
+    assert lists and all("labeled-lists-" in f for f in lists)
+    assert not [f for f in manifest2["files"] if "triplets-" in f]
+    fs, base = storage.resolve(cfg.output, pipeline.s3_settings(cfg))
+    left = list_files(fs, storage.join(base, "_exports"))
+    assert not [f for f in left if "triplets-" in f], left
+
+
+def test_labeling_that_exports_nothing_says_why(scored_reference, bucket, tiny_model_dir, caplog):
+    cfg = job(bucket, tiny_model_dir, "empty")
+    # The tiny random model scores every pair near 0.45: default thresholds label nothing.
+    with caplog.at_level(logging.WARNING, logger="rerank_ray"):
+        report = run_labeling(cfg, LabelConfig())
+    assert report["exports"]["flagembedding_jsonl"] == {"files": [], "rows": 0}
+    (warning,) = report["warnings"]
+    assert "exported no training records" in warning
+    assert "pos_threshold 0.7" in warning and "neg_threshold 0.3" in warning
+    low, high = (float(x) for x in re.search(r"ranged (\d+\.\d+)\.\.(\d+\.\d+)", warning).groups())
+    scores = scored_reference["score_norm"].to_pylist()
+    assert low == pytest.approx(min(scores), rel=1e-3) and high == pytest.approx(
+        max(scores), rel=1e-3
+    )
+    assert warning in caplog.text
+
+
+def labeled_reference(out: Path, mode: LabelConfig) -> list[dict]:
+    """FlagEmbedding records computed from the committed scored rows (mode columns dropped)."""
+    committed = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    plain = committed.drop_columns([*(f.name for f in MODE_FIELDS), "run_date"])
+    return list(flagembedding_records(label_queries(plain, mode), mode))
+
+
+def committed_records(out: Path) -> list[dict]:
+    files = sorted((out / "_exports").rglob("train-*.jsonl"))
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+
+
+def input_with_labels(n: int) -> pa.Table:
+    table = make_pairs(n, seed=5)
+    return table.append_column("is_positive", pa.array([i % 7 == 0 for i in range(n)]))
+
+
+@pytest.mark.slow
+def test_labeling_killed_mid_scoring_resumes_without_rescoring(ray_local, tiny_model_dir, tmp_path):
+    table = input_with_labels(6000)
+    write_shards(table, tmp_path / "in", shards=20)
+    out = tmp_path / "out"
+    flags = ["--label-source", "given", "--hard-negative-min-rank", "1", "--margin", "0"]
+    args = [
+        *(sys.executable, "-m", "rerank_ray.cli", "labeling"),
+        *("--input", str(tmp_path / "in"), "--output", str(out)),
+        *("--model", str(tiny_model_dir), "--run-id", "label-resume"),
+        *("--batch-rows", "100", "--tokenize-actors", "1", "--num-actors", "1"),
+        *("--rows-per-file", "300", *flags),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "first-attempt.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    # The scoring stage's progress markers: kill once half the rows are staged.
+    markers = out / "_scored" / "label-resume" / "_staging" / "label-resume" / "_progress"
+    staged, deadline = 0, time.time() + 600
+    while staged < 0.5 * table.num_rows:
+        assert proc.poll() is None, "the first attempt ended before it could be killed"
+        assert time.time() < deadline, "the first attempt made no progress"
+        time.sleep(0.1)
+        staged = 0
+        for marker in markers.glob("*.json"):
+            with contextlib.suppress(ValueError):  # being written
+                staged += sum(
+                    e["scored"] + e["rejected"] + e["filtered"]
+                    for e in json.loads(marker.read_text())
+                )
+    # The driver and the Ray instance it started, at once, as a lost head node.
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.send_signal(signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert not (out / "_SUCCESS").exists()
+
+    cfg = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(out),
+        model=str(tiny_model_dir),
+        run_id="label-resume",
+        batch_rows=100,
+        rows_per_file=300,
+        tokenize_actors=1,
+        num_actors=1,
+    )
+    mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
+    report = run_labeling(cfg, mode)
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    # Finished shards were not scored again: only what was not staged.
+    assert 0 < manifest["rows_resumed"] < table.num_rows
+    assert manifest["rows_processed_this_attempt"] < 0.6 * table.num_rows
+    assert manifest["rows_resumed"] + manifest["rows_processed_this_attempt"] == table.num_rows
+    assert report["rows_resumed"] == manifest["rows_resumed"]
+    assert_exactly_once(table, out)
+    records = committed_records(out)
+    expected = labeled_reference(out, mode)
+    assert len(records) == report["exports"]["flagembedding_jsonl"]["rows"] == len(expected) > 0
+    assert _same_records(records, expected)
+    assert not (out / "_scored").exists()
+
+
+def _same_records(got: list[dict], want: list[dict]) -> bool:
+    """The same records, in any order (several queries share a text in ``make_pairs``)."""
+    return sorted(json.dumps(r, sort_keys=True) for r in got) == sorted(
+        json.dumps(r, sort_keys=True) for r in want
+    )
+
+
+def test_failed_per_query_step_reruns_without_scoring_again(
+    ray_local, tiny_model_dir, tmp_path, monkeypatch
+):
+    table = input_with_labels(600)
+    write_shards(table, tmp_path / "in", shards=3)
+    cfg = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=str(tiny_model_dir),
+        run_id="again",
+        batch_rows=100,
+        tokenize_actors=1,
+        num_actors=1,
+    )
+    mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("the head node went away after scoring")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "_per_query", lost)
+        with pytest.raises(RuntimeError, match="went away"):
+            run_labeling(cfg, mode)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    report = run_labeling(cfg, mode)
+    manifest = json.loads((tmp_path / "out" / "_SUCCESS").read_text())
+    assert manifest["rows_resumed"] == table.num_rows
+    assert manifest["rows_processed_this_attempt"] == 0
+    assert manifest["rows_scored_by_model"] == table.num_rows
+    assert_exactly_once(table, tmp_path / "out")
+    assert report["exports"]["flagembedding_jsonl"]["rows"] == len(
+        labeled_reference(tmp_path / "out", mode)
+    )

@@ -59,6 +59,12 @@ def test_values_are_coerced_from_yaml_and_flag_spellings():
         (LabelConfig, {"margin": -0.1}, "`margin` is -0.1"),
         (LabelConfig, {"label_source": "qrels"}, "choose one of threshold, given"),
         (LabelConfig, {"report_thresholds": []}, "`report_thresholds` is empty"),
+        (
+            LabelConfig,
+            {"relative_margin": 1.0},
+            r"`relative_margin` is 1.0; use a value in \[0, 1\)",
+        ),
+        (LabelConfig, {"hard_negative_format": "quad"}, "choose one of triplet, n-tuple"),
     ],
 )
 def test_invalid_values_are_rejected_with_the_fix(cls, values, message):
@@ -88,3 +94,12 @@ def test_flags_round_trip_through_argparse_and_leave_other_flags_alone():
     cfg = mode_config_from_args(LabelConfig, args)
     assert (cfg.pos_threshold, cfg.max_hard_negatives, cfg.neg_threshold) == (0.9, 3, 0.3)
     assert rest == ["--input", "s3://b/p/"]
+
+
+def test_absolute_margin_is_sentence_transformers_name_for_margin():
+    assert mode_config_from_dict(LabelConfig, {"absolute_margin": "0.25"}).margin == 0.25
+    parser = argparse.ArgumentParser()
+    add_mode_flags(parser, LabelConfig)
+    args = parser.parse_args(["--absolute-margin", "0.2", "--relative-margin", "0.05"])
+    cfg = mode_config_from_args(LabelConfig, args)
+    assert (cfg.margin, cfg.relative_margin, cfg.max_score) == (0.2, 0.05, None)

@@ -23,8 +23,9 @@ from rerank_ray.modes.exports import (
     FLAGEMBEDDING_KEYS,
     TRIPLET_SCHEMA,
     flagembedding_records,
+    hard_negative_rows,
+    hard_negative_schema,
     sentence_transformers_distillation,
-    sentence_transformers_triplets,
     write_jsonl,
     write_parquet,
 )
@@ -111,6 +112,11 @@ def reference_labels(table: pa.Table, cfg: LabelConfig) -> dict[tuple, tuple]:
                 and bool(pos_values)
                 and cfg.hard_negative_min_rank <= r["rank"] <= cfg.hard_negative_max_rank
                 and r[cfg.score_column] <= min(pos_values) - cfg.margin
+                and (
+                    cfg.relative_margin is None
+                    or r[cfg.score_column] <= min(pos_values) * (1 - cfg.relative_margin)
+                )
+                and (cfg.max_score is None or r[cfg.score_column] <= cfg.max_score)
                 and taken < cfg.max_hard_negatives
             )
             taken += hard
@@ -137,8 +143,15 @@ def scored_rows(labeled: pa.Table) -> list[dict]:
             margin=0.5,
             max_hard_negatives=2,
         ),
+        LabelConfig(
+            label_source="given",
+            hard_negative_min_rank=1,
+            margin=0.0,
+            relative_margin=0.1,
+            max_score=0.3,
+        ),
     ],
-    ids=["threshold-norm", "given", "threshold-logit"],
+    ids=["threshold-norm", "given", "threshold-logit", "given-relative-margin-max-score"],
 )
 def test_labels_and_hard_negatives_match_the_contract(seed, cfg):
     table = make_table(seed)
@@ -300,7 +313,7 @@ def test_exports_do_not_depend_on_row_order_and_cap_positives(tmp_path):
 
 def test_sentence_transformers_parquet_triplets_and_distillation(tmp_path):
     labeled = label_queries(make_table(6, queries=50), CFG)
-    triplets = sentence_transformers_triplets(labeled, CFG)
+    triplets = hard_negative_rows(labeled, CFG)
     distill = sentence_transformers_distillation(labeled, CFG)
     write_parquet(triplets, str(tmp_path / "triplets.parquet"))
     write_parquet(distill, str(tmp_path / "distillation.parquet"))
@@ -386,3 +399,73 @@ def test_labeling_group_emits_every_row_once_marking_duplicates():
     assert duplicates["label"].null_count == duplicates.num_rows
     kept = out.filter(pa.compute.is_null(out["reject_reason"])).drop_columns(["reject_reason"])
     assert kept.to_pylist() == labeled.to_pylist()
+
+
+def test_relative_margin_and_max_score_leave_out_negatives_close_to_the_positive():
+    table = make_table(9, queries=60)
+    plain = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
+    hard = label_stats(label_queries(table, plain)).hard_negatives
+    for extra in ({"relative_margin": 0.2}, {"max_score": 0.2}):
+        filtered = LabelConfig(**{**plain.__dict__, **extra})
+        assert 0 < label_stats(label_queries(table, filtered)).hard_negatives < hard, extra
+
+
+def expected_hard_negative_rows(records: list[dict], cfg: LabelConfig) -> list[dict]:
+    """Each format's rows, as sentence-transformers' mine_hard_negatives lays them out
+    (sentence_transformers/util/hard_negatives.py, v5), from the FlagEmbedding records."""
+    fmt, n = cfg.hard_negative_format, cfg.max_hard_negatives
+    rows = []
+    for r in records:
+        q, negs = r["query"], r["neg"]
+        for p, p_score in zip(r["pos"], r["pos_scores"], strict=True):
+            if fmt == "triplet":
+                rows += [{"query": q, "positive": p, "negative": neg} for neg in negs]
+            elif fmt == "labeled-list":
+                rows.append({"query": q, "positive": [p, *negs], "labels": [1] + [0] * len(negs)})
+            elif fmt in ("n-tuple", "n-tuple-scores") and len(negs) == n:
+                row = {"query": q, "positive": p}
+                row |= {f"negative_{i}": neg for i, neg in enumerate(negs, start=1)}
+                if fmt == "n-tuple-scores":
+                    row["score"] = [p_score, *r["neg_scores"]]
+                rows.append(row)
+        if fmt == "labeled-pair":
+            rows += [{"query": q, "positive": p, "label": 1} for p in r["pos"]]
+            rows += [{"query": q, "positive": neg, "label": 0} for neg in negs]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "fmt", ["triplet", "n-tuple", "n-tuple-scores", "labeled-pair", "labeled-list"]
+)
+def test_hard_negative_formats_load_with_datasets_as_sentence_transformers_writes_them(
+    fmt, tmp_path
+):
+    from datasets import load_dataset
+
+    cfg = LabelConfig(**{**CFG.__dict__, "hard_negative_format": fmt, "max_hard_negatives": 2})
+    labeled = label_queries(make_table(11, queries=80), cfg)
+    rows = hard_negative_rows(labeled, cfg)
+    assert rows.schema.equals(hard_negative_schema(cfg))
+    records = list(flagembedding_records(labeled, cfg))
+    expected = expected_hard_negative_rows(records, cfg)
+    if fmt == "labeled-pair":
+        # Queries with a positive but no hard negative keep their positives (label 1).
+        with_positive = {r["query"] for r in rows.to_pylist() if r["label"] == 1}
+        assert with_positive >= {r["query"] for r in records}
+        exportable = {r["query"] for r in records}
+        assert [r for r in rows.to_pylist() if r["query"] in exportable] == expected
+        assert expected
+    else:
+        got = rows.to_pylist()
+        for row in got:
+            if "score" in row:
+                row["score"] = pytest.approx(row["score"], rel=1e-6)
+        assert got == expected and expected
+    write_parquet(rows, str(tmp_path / "shard-00000.parquet"))
+    write_parquet(rows.slice(0, 1), str(tmp_path / "shard-00001.parquet"))
+    loaded = load_dataset(
+        "parquet", data_files=sorted(str(p) for p in tmp_path.glob("*.parquet")), split="train"
+    )
+    assert loaded.column_names == hard_negative_schema(cfg).names
+    assert loaded.num_rows == rows.num_rows + 1
+    assert loaded[0] == rows.slice(0, 1).to_pylist()[0]
