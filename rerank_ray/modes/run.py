@@ -25,11 +25,13 @@ Layout of a run (every path starts with ``_`` except the rows, so readers skip i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +56,7 @@ from rerank_ray.modes.stage import (
     whole_query_blocks,
 )
 from rerank_ray.sink import OutputLocation, RerankSink, acquire_lock, discard_staging, release_lock
-from rerank_ray.sink.location import delete_dir, list_files, make_dirs, read_json, write_bytes
+from rerank_ray.sink.location import list_files, make_dirs, read_json, write_bytes
 from rerank_ray.sink.records import Entry
 
 log = logging.getLogger("rerank_ray")
@@ -250,7 +252,6 @@ def _number_exports(
 ) -> tuple[Entry, dict[str, dict[str, Any]]]:
     """Rename the staged export shards ``<stem>-00000`` ... in the blocks' order; returns
     their entry (no rows) and, per export, the committed paths and row count."""
-    fs = out.fs
     staged_dir = storage.join(out.staging, out.relative(out.exports))
     entry, exported = Entry(source=None), {}
     for export in exports:
@@ -258,7 +259,7 @@ def _number_exports(
         files, rows = [], 0
         for number, (path, count) in enumerate(shards):
             numbered = export.shard(staged_dir, f"{number:05d}")
-            fs.move(path, numbered)
+            out.move(path, numbered)
             entry.files.append(numbered)
             files.append(out.relative(export.shard(out.exports, f"{number:05d}")))
             rows += count
@@ -268,10 +269,11 @@ def _number_exports(
 
 def _delete_scored(scored_out: OutputLocation) -> None:
     """Delete the scoring stage's files (and ``_scored/`` when no other run has any)."""
-    delete_dir(scored_out.fs, scored_out.base)
+    scored_out.delete_tree(scored_out.base)
     parent = scored_out.base.rsplit("/", 1)[0]
-    if not list_files(scored_out.fs, parent):
-        delete_dir(scored_out.fs, parent)
+    if not scored_out.is_s3 and not list_files(scored_out.fs, parent):
+        with contextlib.suppress(OSError):  # another run's files appeared meanwhile
+            os.rmdir(parent)
 
 
 def _report_head(manifest: dict[str, Any], mode: str, cfg) -> dict[str, Any]:
