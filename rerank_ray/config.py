@@ -252,11 +252,21 @@ class JobConfig:
         }
 
     def with_defaults_resolved(self) -> JobConfig:
-        """A copy with the run id and run date fixed, so every worker sees the same values."""
+        """A copy with the run id, run date and S3 endpoint/region fixed, so every worker sees
+        the same values (idempotent: resolving twice gives the same config)."""
+        from rerank_ray.storage import S3Settings
+
+        # The endpoint and region resolved here (flags, else this machine's
+        # AWS_ENDPOINT_URL(_S3) and AWS_REGION) go to every worker in the config: the workers
+        # of a cluster the job joins do not see the driver's environment. They are not
+        # secrets (credentials never enter the config), and the manifest records them.
+        s3 = S3Settings.resolve(self.s3_endpoint_url, self.s3_region, self.s3_verify_tls)
         return dataclasses.replace(
             self,
             run_id=self.run_id or new_run_id(),
             run_date=self.effective_run_date,
+            s3_endpoint_url=s3.endpoint_url,
+            s3_region=s3.region,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,7 +7,6 @@ writes it through the sink, which commits the run.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -66,11 +65,6 @@ def run(
     t0 = time.time()
     cfg = config.with_defaults_resolved()
     s3 = s3_settings(cfg)
-    # The endpoint and region resolved here (flags, else the driver's AWS_ENDPOINT_URL(_S3)
-    # and AWS_REGION) go to every worker in the config: the workers of a cluster the job
-    # joins do not see the driver's environment. They are not secrets (credentials never
-    # enter the config), and the manifest's config records them.
-    cfg = dataclasses.replace(cfg, s3_endpoint_url=s3.endpoint_url, s3_region=s3.region)
     out = OutputLocation(cfg.output, s3, cfg.run_id)
     if cfg.long_docs == "chunk":
         reserved_columns = (*reserved_columns, *schema.CHUNK_COLUMNS)
