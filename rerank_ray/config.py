@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from rerank_ray.errors import RerankError
-from rerank_ray.runners import DEVICES, DTYPES
+from rerank_ray.runners import DEVICES, DTYPES, PRECISIONS, check_precision
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
@@ -84,6 +84,11 @@ class JobConfig:
         "variable-length attention and the exact GELU (same numerics as PyTorch's ops, the "
         "GELU within one fp16 ulp); checked at actor start, PyTorch's ops if the check fails.",
     )
+    precision: str = _f(
+        "auto",
+        help="auto, or fp8: FP8 matmuls in the encoder layers, on Ada or Hopper GPUs only "
+        "(README: Precision).",
+    )
     # --- scale ----------------------------------------------------------------------------
     device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
     num_actors: int | None = _f(
@@ -127,6 +132,8 @@ class JobConfig:
         _choice("input_format", self.input_format, INPUT_FORMATS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        check_precision(self.precision, self.dtype)
         if self.max_length < 8:
             raise ConfigError(f"`max_length` is {self.max_length}; it must be at least 8.")
         if self.query_max_length is not None and not (
