@@ -179,7 +179,9 @@ VARIANTS = (
     "bf16",
     "fp8 (rest fp32)",
     "fp8 (rest bf16)",
-    "fp8, first+last layer bf16",
+    "fp8 first+last layer bf16",
+    "fp8 first layer bf16",
+    "fp8 last layer bf16",
     "fp8 (rest fp16)",
 )
 
@@ -192,14 +194,25 @@ def make_runner(label: str, model):
     if not label.startswith("fp8"):
         return PackedEncoder(model, dtype=dtype.get(label, torch.float32))
     rest = torch.float32 if "fp32" in label else dtype["fp16" if "fp16" in label else "bf16"]
-    keep = (0, last) if "first+last" in label else ()
+    keep = {"first+last": (0, last), "first": (0,), "last": (last,)}.get(
+        label.split(" ")[1] if " layer " in label else "", ()
+    )
     return Fp8Encoder(model, dtype=rest, path="emulate", layers_16bit=keep)
 
 
-def measure(name: str, model, ids, offsets, types, group, only: list[str]) -> dict:
-    """Every variant of ``model`` against its FP32 padded HF forward."""
+def measure(name: str, model, ids, offsets, types, group, only: list[str], cache: Path | None):
+    """The ``only`` variants of ``model`` against its FP32 padded HF forward (kept in
+    ``cache`` for a later run on the same pairs, when given)."""
     t0 = time.perf_counter()
-    ref = score_all(PaddedRunner(model, torch.device("cpu")), ids, offsets, types)
+    key = f"{name}-{len(offsets) - 1}-{int(offsets[-1])}-{int(ids.sum())}"
+    cached = cache / f"fp32-{key}.npy" if cache else None
+    if cached and cached.is_file():
+        ref = np.load(cached)
+    else:
+        ref = score_all(PaddedRunner(model, torch.device("cpu")), ids, offsets, types)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cached, ref)
     print(f"[{name}] fp32 HF reference: {time.perf_counter() - t0:.0f} s", flush=True)
     result = {
         "pairs": len(offsets) - 1,
@@ -246,6 +259,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=50)
     parser.add_argument("--xlmr-pairs", type=int, default=200, help="0 to skip")
     parser.add_argument("--xlmr-docs-per-query", type=int, default=20)
+    parser.add_argument("--cache", type=Path, help="keep/reuse the FP32 reference scores here")
     parser.add_argument("--skip-minilm", action="store_true", help="only the XLM-R part")
     everything = ",".join(VARIANTS)
     parser.add_argument("--variants", default=everything, help=f"of {everything}")
@@ -266,13 +280,22 @@ def main() -> None:
             ids, offsets, types = tokenize(model_dir, prose_pairs(args.queries, args.docs))
             group = np.repeat(np.arange(args.queries), args.docs)
             model = BertForSequenceClassification.from_pretrained(model_dir).eval()
-            row = measure("minilm", model, ids, offsets, types, group, args.variants.split(","))
+            row = measure(
+                "minilm", model, ids, offsets, types, group, args.variants.split(","), args.cache
+            )
             row["tokens_per_pair"] = round(int(offsets[-1]) / (len(offsets) - 1), 1)
             report["models"]["all-MiniLM-L6-v2 (trained) + seeded head"] = row
     if args.xlmr_pairs:
         model, ids, offsets, group = xlmr_large(args.xlmr_pairs, args.xlmr_docs_per_query)
         report["models"]["bge-reranker-v2-m3 architecture (random weights)"] = measure(
-            "xlmr-large", model, ids, offsets, None, group, args.xlmr_variants.split(",")
+            "xlmr-large",
+            model,
+            ids,
+            offsets,
+            None,
+            group,
+            args.xlmr_variants.split(","),
+            args.cache,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

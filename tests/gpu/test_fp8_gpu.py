@@ -40,7 +40,7 @@ def _pairs(n: int, per_query: int = 50, seed: int = 0):
     """Packed pairs: each group of ``per_query`` shares a query prefix, documents differ."""
     rng = np.random.default_rng(seed)
     seqs = []
-    for q in range(n // per_query):
+    for _ in range(n // per_query):
         query = rng.integers(3, 1000, int(rng.integers(6, 20)))
         for _ in range(per_query):
             doc = rng.integers(3, 1000, int(rng.integers(20, 300)))
