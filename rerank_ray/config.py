@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from rerank_ray.errors import RerankError
-from rerank_ray.runners import DEVICES, DTYPES
+from rerank_ray.runners import DEVICES, DTYPES, PRECISIONS, check_precision
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
@@ -101,6 +101,11 @@ class JobConfig:
     chunk_aggregate: str = _f(
         "max", help="chunk: a pair's score from its windows' scores: max, first or mean."
     )
+    precision: str = _f(
+        "auto",
+        help="auto (dtype decides), int8 (CPU: ONNX Runtime INT8, the [cpu] extra), or fp8 "
+        "(FP8 matmuls on Ada or Hopper GPUs); never chosen silently (README: Precision).",
+    )
     # --- scale ----------------------------------------------------------------------------
     device: str = _f("auto", help="cuda, cpu, or auto (cuda when the cluster has GPUs).")
     num_actors: int | None = _f(
@@ -145,6 +150,8 @@ class JobConfig:
         _choice("input_format", self.input_format, INPUT_FORMATS)
         _choice("dtype", self.dtype, DTYPES)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        check_precision(self.precision, self.dtype)
         if self.max_length < 8:
             raise ConfigError(f"`max_length` is {self.max_length}; it must be at least 8.")
         if self.query_max_length is not None and not (

@@ -7,6 +7,9 @@ model and with which kernels; it validates the options against the model and the
   Triton kernels of ``kernels.py`` where they pass their self-check.
 - ``padded.PaddedRunner``: Hugging Face's own forward on padded batches, for every other
   model, and on CPU.
+- ``fp8.Fp8Encoder``: the packed encoder with FP8 GEMMs, only when ``precision`` asks for it.
+- ``int8_cpu.Int8CpuRunner``: ONNX Runtime with dynamic INT8 Linear layers on CPU, only when
+  ``precision`` asks for it (the ``[cpu]`` extra).
 
 Adding a backend is one module here and one branch in ``build_runner``; the scorer does not
 change.
@@ -28,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
+# How the weights are stored and multiplied; ``auto`` keeps today's dtype behaviour. Another
+# backend adds its name here and its branch in ``build_runner``.
+PRECISIONS = ("auto", "int8", "fp8")
 
 
 class DeviceError(RerankError, RuntimeError):
@@ -46,6 +52,22 @@ class Runner(Protocol):
         ...
 
 
+def check_precision(precision: str, dtype: str) -> None:
+    """A ``ConfigError`` where ``precision`` and ``dtype`` cannot go together."""
+    from rerank_ray.config import ConfigError
+
+    if precision == "int8" and dtype not in ("auto", "float32"):
+        raise ConfigError(
+            f"`precision` int8 runs on CPU with float32 activations, but `dtype` is {dtype}: "
+            "leave --dtype at auto (or float32), or pass --precision auto."
+        )
+    if precision == "fp8" and dtype == "float32":
+        raise ConfigError(
+            "`precision` fp8 keeps attention, LayerNorm and the head in 16 bits, but `dtype` "
+            "is float32: pass --dtype bfloat16 (or auto), or --precision auto."
+        )
+
+
 @dataclass(frozen=True)
 class RunnerOptions:
     """How to score, as the job config asks; validated when built."""
@@ -56,6 +78,7 @@ class RunnerOptions:
     fast_gelu: bool = False  # GPU: tanh GELU in the matmul epilogue (changes logits slightly)
     allow_pickle_weights: bool = False  # load pickle weights when no safetensors exist
     trust_remote_code: bool = False  # run the model repository's code
+    precision: str = "auto"  # auto (the dtype's own GEMMs) or fp8 (e4m3 GEMMs, GPU cc >= 8.9)
 
     def __post_init__(self) -> None:
         from rerank_ray.config import ConfigError
@@ -64,6 +87,11 @@ class RunnerOptions:
             raise ConfigError(f"`device` is {self.device!r}; choose one of {', '.join(DEVICES)}.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"`dtype` is {self.dtype!r}; choose one of {', '.join(DTYPES)}.")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"`precision` is {self.precision!r}; choose one of {', '.join(PRECISIONS)}."
+            )
+        check_precision(self.precision, self.dtype)
 
     @classmethod
     def from_job(cls, cfg) -> RunnerOptions:
@@ -75,6 +103,7 @@ class RunnerOptions:
             fast_gelu=cfg.fast_gelu,
             allow_pickle_weights=cfg.allow_pickle_weights,
             trust_remote_code=cfg.trust_remote_code,
+            precision=cfg.precision,
         )
 
 
@@ -127,6 +156,10 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
 
     t0 = time.perf_counter()
     device = pick_device(options.device)
+    if options.precision == "fp8":
+        return _build_fp8(model_dir, options, device, t0)
+    if options.precision == "int8":
+        return _build_int8(model_dir, options, device, t0)
     dtype = pick_dtype(options.dtype, device)
     on_gpu = device.type == "cuda"
     runner = None
@@ -152,3 +185,76 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
         "build_runner": round(time.perf_counter() - t_loaded, 2),
     }
     return BuiltRunner(runner, device, dtype, load_path, seconds)
+
+
+def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float) -> BuiltRunner:
+    """The FP8 runner, or a ``DeviceError`` where this device or model cannot run it: FP8 is
+    only ever what was asked for, never a fallback or a default."""
+    import torch
+
+    from rerank_ray.config import ConfigError
+    from rerank_ray.runners import fp8, packed
+    from rerank_ray.runners.padded import load_cross_encoder
+
+    if problem := fp8.unsupported(device):
+        raise DeviceError(
+            f"--precision fp8 {problem}: run it on an Ada or Hopper GPU (e.g. L4, L40S, "
+            "H100, H200), or pass --precision auto."
+        )
+    # bfloat16 unless asked: rowwise-scaled FP8 GEMMs output bf16 on every FP8 GPU.
+    dtype = torch.float16 if options.dtype == "float16" else torch.bfloat16
+    try:
+        runner = None
+        if not options.trust_remote_code:
+            runner = fp8.from_checkpoint(model_dir, device, dtype, options)
+        load_path = "checkpoint" if runner is not None else "transformers"
+        t_loaded = time.perf_counter()
+        if runner is None:
+            model = load_cross_encoder(
+                model_dir,
+                device=device,
+                dtype=dtype,
+                allow_pickle_weights=options.allow_pickle_weights,
+                trust_remote_code=options.trust_remote_code,
+            )
+            t_loaded = time.perf_counter()
+            if model.config.model_type not in packed.SUPPORTED_MODEL_TYPES:
+                raise ConfigError(
+                    f"--precision fp8 runs {', '.join(packed.SUPPORTED_MODEL_TYPES)} "
+                    f"cross-encoders; {model_dir} is {model.config.model_type!r}: pass "
+                    "--precision auto."
+                )
+            runner = fp8.from_model(model, device, dtype, options)
+    except ValueError as e:  # the GEMM's self-check or the model's shapes refused FP8 here
+        if isinstance(e, ConfigError):
+            raise
+        raise DeviceError(
+            f"--precision fp8 cannot run on {torch.cuda.get_device_name(device)} with "
+            f"{str(dtype).removeprefix('torch.')}: {e}. Pass --dtype bfloat16, or --precision auto."
+        ) from e
+    seconds = {
+        "load_model": round(t_loaded - t0, 2),
+        "build_runner": round(time.perf_counter() - t_loaded, 2),
+    }
+    return BuiltRunner(runner, device, dtype, load_path, seconds)
+
+
+def _build_int8(model_dir: str | Path, options: RunnerOptions, device, t0: float) -> BuiltRunner:
+    """The INT8 CPU runner (ONNX Runtime), or a ``DeviceError`` on a GPU worker: INT8 is
+    only ever what was asked for."""
+    import torch
+
+    from rerank_ray.runners.int8_cpu import Int8CpuRunner
+
+    if device.type != "cpu":
+        raise DeviceError(
+            f"--precision int8 runs on CPU (ONNX Runtime), but this worker scores on {device}: "
+            "pass --device cpu, or leave --precision at auto on a GPU."
+        )
+    runner = Int8CpuRunner.from_model_dir(
+        model_dir,
+        allow_pickle_weights=options.allow_pickle_weights,
+        trust_remote_code=options.trust_remote_code,
+    )
+    seconds = {"load_model": round(time.perf_counter() - t0, 2), "build_runner": 0.0}
+    return BuiltRunner(runner, device, torch.float32, "onnx-int8", seconds)

@@ -11,6 +11,11 @@
 - ``gelu_``: the exact (erf) GELU in place, its erf exact to 1.5e-7 (within one fp16/bf16 ulp
   of PyTorch's result) at a dozen instructions instead of libdevice's ~40, so the pass is
   memory-bound.
+- FP8 variants (``fp8.py``): ``add_layer_norm_e4m3_`` also writes its output quantized to
+  float8 e4m3 with a per-row scale, and ``rows_e4m3`` quantizes rows (optionally of their GELU,
+  which then is never written in 16 bits), so an FP8 GEMM's input costs no pass of its own.
+  They round to the e4m3 grid themselves: the result is bit for bit ``fp8.quantize_rows``'s,
+  on a GPU and under the interpreter alike.
 
 Matmuls with the exact GELU in their epilogue (Triton, cuDNN, CUTLASS) were tried and were
 slower than cuBLAS plus ``gelu_``; bench/README.md keeps those probes.
@@ -30,13 +35,45 @@ import numpy as np
 import torch
 
 
+# Device functions shared by kernels are passed to them as constexpr arguments: the
+# interpreter does not see a kernel's closure variables.
+@functools.cache
+def _e4m3():
+    """Triton helper: quantize one float32 row to float8 e4m3 with a rowwise scale (amax/448)
+    and store it and its scale; the same math as ``fp8.quantize_rows``, bit for bit."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def store_e4m3_row(v, mask, Q, S):
+        amax = tl.maximum(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0), 1e-12)
+        # IEEE divisions (Triton's `/` is approximate on GPUs): the scale torch computes.
+        a = tl.minimum(tl.abs(v * tl.div_rn(448.0, amax)), 448.0)
+        # Round to the e4m3 grid here, to nearest even, so the final cast is exact: the
+        # interpreter's own float8 cast drops the carry when rounding crosses a power of two.
+        # Normal range: keep 3 of float32's 23 mantissa bits. Below 2^-6 (subnormal) the grid
+        # is 2^-9: float32 addition of 1.5 * 2^14 rounds there.
+        bits = a.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        g = tl.where(a < 0.015625, (a + 24576.0) - 24576.0, normal)
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        g = (g.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        tl.store(Q, g.to(tl.float8e4nv), mask=mask)
+        tl.store(S, tl.div_rn(amax, 448.0))
+
+    return store_e4m3_row
+
+
 @functools.cache
 def _kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def add_layer_norm_kernel(Y, X, W, B, stride, n_cols, eps, BLOCK: tl.constexpr):
+    def add_layer_norm_kernel(
+        Y, X, W, B, Q, S, stride, n_cols, eps,
+        BLOCK: tl.constexpr, QUANT: tl.constexpr, E4M3: tl.constexpr,
+    ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -49,7 +86,10 @@ def _kernel():
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n_cols + eps)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride + cols, (d * rstd * w + b).to(y.dtype), mask=mask)
+        out = (d * rstd * w + b).to(y.dtype)
+        tl.store(Y + row * stride + cols, out, mask=mask)
+        if QUANT:  # the next GEMM's FP8 input, from the rounded output still in registers
+            E4M3(out.to(tl.float32), mask, Q + row * n_cols + cols, S + row)
 
     return add_layer_norm_kernel, triton.next_power_of_2
 
@@ -71,6 +111,24 @@ def add_layer_norm_(
 ) -> torch.Tensor:
     """``LayerNorm(y + x)`` over the last dim, written into ``y`` (returned). 2-D inputs of
     the same shape, dtype and row stride; ``y`` is overwritten."""
+    _launch_add_layer_norm(y, x, weight, bias, eps, None)
+    return y
+
+
+def add_layer_norm_e4m3_(
+    y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``add_layer_norm_`` that also emits its output quantized for an FP8 GEMM in the same
+    pass: ``(y, q, scale)`` with ``q`` float8 e4m3 [rows, cols] and ``scale`` float32
+    [rows, 1] (rowwise amax / 448), equal to ``fp8.quantize_rows(y)``."""
+    rows, cols = y.shape if y.dim() == 2 else (0, 0)
+    q = torch.empty((rows, cols), device=y.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((rows, 1), device=y.device, dtype=torch.float32)
+    _launch_add_layer_norm(y, x, weight, bias, eps, (q, scale))
+    return y, q, scale
+
+
+def _launch_add_layer_norm(y, x, weight, bias, eps, quant) -> None:
     if y.dim() != 2 or y.shape != x.shape or y.stride() != x.stride() or y.stride(1) != 1:
         raise ValueError(
             f"add_layer_norm_ needs two row-major 2-D tensors of one shape, got "
@@ -78,24 +136,25 @@ def add_layer_norm_(
         )
     rows, cols = y.shape
     if rows == 0:
-        return y
+        return
     kernel, next_pow2 = _kernel()
     block = next_pow2(cols)
     warps = 4 if block <= 1024 else 8
-    kernel[(rows,)](y, x, weight, bias, y.stride(0), cols, eps, BLOCK=block, num_warps=warps)
-    return y
+    q, scale = quant if quant is not None else (y, y)  # unused pointers without QUANT
+    kernel[(rows,)](
+        y, x, weight, bias, q, scale, y.stride(0), cols, eps,
+        BLOCK=block, QUANT=quant is not None, E4M3=_e4m3(), num_warps=warps,
+    )  # fmt: skip
 
 
 @functools.cache
-def _gelu_kernel():
+def _gelu():
+    """Triton helper: the exact (erf) GELU of a float32 block."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def gelu_kernel(X, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    def gelu_f32(h):
         # 1 + erf(h / sqrt 2) through erfc = poly(t) * exp(-z^2) (Abramowitz & Stegun 7.1.26,
         # |error| <= 1.5e-7): a dozen instructions where libdevice's erf takes ~40, and no
         # cancellation on the negative side.
@@ -105,9 +164,64 @@ def _gelu_kernel():
                + t * (-1.453152027 + t * 1.061405429))))  # fmt: skip
         erfc = poly * tl.exp2(-1.4426950408889634 * s * s)
         one_plus_erf = tl.where(h >= 0, 2.0 - erfc, erfc)
-        tl.store(X + offs, (0.5 * h * one_plus_erf).to(X.dtype.element_ty), mask=mask)
+        return 0.5 * h * one_plus_erf
+
+    return gelu_f32
+
+
+@functools.cache
+def _gelu_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gelu_kernel(X, n, BLOCK: tl.constexpr, GELU_F32: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(X + offs, GELU_F32(h).to(X.dtype.element_ty), mask=mask)
 
     return gelu_kernel
+
+
+@functools.cache
+def _rows_e4m3_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_e4m3_kernel(
+        X, Q, S, stride, n_cols,
+        BLOCK: tl.constexpr, GELU: tl.constexpr, GELU_F32: tl.constexpr, E4M3: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        v = tl.load(X + row * stride + cols, mask=mask, other=0.0)
+        if GELU:  # rounded to the input dtype first, as gelu_ would write it
+            v = GELU_F32(v.to(tl.float32)).to(X.dtype.element_ty)
+        E4M3(v.to(tl.float32), mask, Q + row * n_cols + cols, S + row)
+
+    return rows_e4m3_kernel
+
+
+def rows_e4m3(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [rows, cols] (row-major) quantized for an FP8 GEMM in one pass: ``(q, scale)``
+    as ``fp8.quantize_rows``; with ``gelu``, of ``gelu_(x)`` (x itself is not written)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"rows_e4m3 needs a row-major 2-D tensor, got {x.stride()}.")
+    rows, cols = x.shape
+    q = torch.empty((rows, cols), device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
+    if rows:
+        _, next_pow2 = _kernel()
+        block = next_pow2(cols)
+        _rows_e4m3_kernel()[(rows,)](
+            x, q, scale, x.stride(0), cols,
+            BLOCK=block, GELU=gelu, GELU_F32=_gelu(), E4M3=_e4m3(),
+            num_warps=4 if block <= 1024 else 8,
+        )  # fmt: skip
+    return q, scale
 
 
 def gelu_(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +234,7 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if _interpreting() else 4096
-        _gelu_kernel()[(-(-n // block),)](x, n, BLOCK=block, num_warps=8)
+        _gelu_kernel()[(-(-n // block),)](x, n, BLOCK=block, GELU_F32=_gelu(), num_warps=8)
     return x
 
 

@@ -417,6 +417,11 @@ class PackedEncoder:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
         return out.transpose(1, 2)[row, col].reshape(n_tok, self._hidden)
 
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """An encoder layer's projection (QKV, attention output, feed-forward down; the up
+        projection is ``_up``'s): where ``fp8.Fp8Encoder`` puts its FP8 GEMMs."""
+        return F.linear(x, w, b)
+
     def _forward(
         self, dev: torch.Tensor, n_tok: int, n_seq: int, max_len: int, has_types: bool, n_extra: int
     ):
@@ -436,7 +441,7 @@ class PackedEncoder:
             extra, last_extra = extra[: -2 * n_seq], extra[-2 * n_seq :]
         x = F.layer_norm(x, (self._hidden,), *self._emb_ln, self._eps)
         for i, w in enumerate(self._layers):
-            qkv = F.linear(x, w.qkv_w, w.qkv_b)
+            qkv = self._linear(x, w.qkv_w, w.qkv_b)
             if prune and i == len(self._layers) - 1:
                 # Only the first tokens go on (all the head reads): their queries against
                 # every token's keys and values, then the rest of the layer on B rows.
@@ -444,9 +449,9 @@ class PackedEncoder:
                 x = x.index_select(0, cu[:-1])
             else:
                 attn = self._attention(qkv, cu, max_len, extra)
-            x = self._add_ln(F.linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
+            x = self._add_ln(self._linear(attn, w.out_w, w.out_b), x, w.ln1_w, w.ln1_b, self._eps)
             h = self._up(x, w.up_w, w.up_b)
-            x = self._add_ln(F.linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
+            x = self._add_ln(self._linear(h, w.down_w, w.down_b), x, w.ln2_w, w.ln2_b, self._eps)
         first = x if prune else x.index_select(0, cu[:-1])
         pooled = torch.tanh(F.linear(first, *self._head))
         return F.linear(pooled, *self._out).view(n_seq).float()

@@ -129,4 +129,40 @@ out["triton_attention_full_last_layer_vs_hf"] = float(
 out["triton_attention_first_token_last_layer"] = triton_attn.first_token_last_layer
 gelu_enc = PackedEncoder(xlmr16, attention="triton", fused_layer_norm=True, triton_gelu=True)
 out["triton_gelu_xlmr_vs_hf"] = float(np.abs(gelu_enc.score(ids, offsets, None) - ref).max())
+
+# FP8: the fused quantization (add+LayerNorm, GELU, plain rows) against fp8.quantize_rows, bit
+# for bit, and the FP8 encoder with every fused kernel against the same encoder without them.
+from rerank_ray.runners import fp8  # noqa: E402
+
+mismatches = {}
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for cols in (96, 384):
+        y, x = torch.randn(29, cols, dtype=dtype) * 3, torch.randn(29, cols, dtype=dtype)
+        w, b = torch.randn(cols, dtype=dtype), torch.randn(cols, dtype=dtype)
+        y_plain = kernels.add_layer_norm_(y.clone(), x, w, b, 1e-5)
+        y, q, scale = kernels.add_layer_norm_e4m3_(y, x, w, b, 1e-5)
+        ref = fp8.quantize_rows(y)
+        h = torch.randn(29, cols, dtype=dtype) * 3
+        gq, gs = kernels.rows_e4m3(h, gelu=True)
+        gref = fp8.quantize_rows(kernels.gelu_(h.clone()))
+        pq, ps = kernels.rows_e4m3(h)
+        pref = fp8.quantize_rows(h)
+        mismatches[f"{dtype}-{cols}"] = {
+            "ln_output_vs_add_layer_norm_": (y.float() - y_plain.float()).abs().max().item(),
+            "ln_q": int((q.view(torch.uint8) != ref.q.view(torch.uint8)).sum()),
+            "ln_scale": (scale - ref.scale).abs().max().item(),
+            "gelu_q": int((gq.view(torch.uint8) != gref.q.view(torch.uint8)).sum()),
+            "gelu_scale": (gs - gref.scale).abs().max().item(),
+            "rows_q": int((pq.view(torch.uint8) != pref.q.view(torch.uint8)).sum()),
+            "rows_scale": (ps - pref.scale).abs().max().item(),
+        }
+out["fp8_kernels"] = mismatches
+out["fp8_self_check"] = list(fp8.self_check(torch.device("cpu"), torch.float32, fused=True))
+plain = fp8.Fp8Encoder(xlmr16, path="emulate").score(ids, offsets, None)
+fused_fp8 = fp8.Fp8Encoder(
+    xlmr16, path="emulate", attention="triton", fused_layer_norm=True, triton_gelu=True,
+    fused_quantization=True,
+)  # fmt: skip
+out["fp8_fused_vs_unfused"] = float(np.abs(fused_fp8.score(ids, offsets, None) - plain).max())
+out["fp8_logit_std"] = float(plain.std())
 print(json.dumps(out))

@@ -151,3 +151,44 @@ def test_many_batch_shapes_one_session(runners, tiny_model_dir):
         lo, hi = offsets[start], offsets[end]
         out = runner.score(ids[lo:hi], offsets[start : end + 1] - lo, None)
         assert out.shape == (end - start,) and np.isfinite(out).all()
+
+
+def test_the_factory_builds_the_int8_runner_only_when_asked(tiny_model_dir):
+    from rerank_ray.config import ConfigError
+    from rerank_ray.runners import RunnerOptions, build_runner
+
+    built = build_runner(tiny_model_dir, RunnerOptions(device="cpu", precision="int8"))
+    assert isinstance(built.runner, Int8CpuRunner) and built.load_path == "onnx-int8"
+    assert isinstance(
+        build_runner(tiny_model_dir, RunnerOptions(device="cpu")).runner, PaddedRunner
+    )
+    with pytest.raises(ConfigError, match="int8 runs on CPU"):
+        RunnerOptions(precision="int8", dtype="float16")
+
+
+def test_the_score_stage_scores_with_int8_when_asked(tiny_model_dir):
+    import pyarrow as pa
+
+    from rerank_ray import schema
+    from rerank_ray.runners import RunnerOptions
+    from rerank_ray.scorer import ScoreStage
+    from rerank_ray.tokenize import TokenizeStage
+
+    texts = SAMPLE_TEXTS
+    batch = pa.table(
+        {
+            "query_id": [f"q{i % 3}" for i in range(12)],
+            "query": [texts[i % 3] for i in range(12)],
+            "doc_id": [f"d{i}" for i in range(12)],
+            "doc": [
+                " ".join(texts[(i + j) % len(texts)] for j in range(1 + i % 4)) for i in range(12)
+            ],
+        }
+    )
+    tokens = TokenizeStage(str(tiny_model_dir), 512, 384)(batch)
+    fp32 = ScoreStage(str(tiny_model_dir), RunnerOptions(device="cpu"))(tokens)
+    int8 = ScoreStage(str(tiny_model_dir), RunnerOptions(device="cpu", precision="int8"))(tokens)
+    ref, got = fp32[schema.SCORE].to_numpy(), int8[schema.SCORE].to_numpy()
+    assert int8.num_rows == 12 and not np.isnan(got).any()
+    assert not np.array_equal(got, ref)  # it really ran the quantized graph
+    assert np.abs(got - ref).max() < 0.25 * np.abs(ref).max()
