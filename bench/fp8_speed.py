@@ -36,11 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fp8_accuracy import compare  # noqa: E402
-from bench.run_bench import BGE_M3_CONFIG, score_rows, seconds_per_call  # noqa: E402
+from bench.run_bench import score_rows, seconds_per_call  # noqa: E402
 from bench.workload import encoder_flops, make_workload  # noqa: E402
 from rerank_ray.backoff import TokenBudget  # noqa: E402
 from rerank_ray.runners import RunnerOptions, fp8  # noqa: E402
 from rerank_ray.runners.packed import PackedEncoder, kernel_options  # noqa: E402
+from rerank_ray.tiny_model import BGE_M3_SHAPE, xlmr_config  # noqa: E402
 
 GIB = 2**30
 CATEGORIES = (  # first match wins
@@ -150,11 +151,11 @@ def main() -> None:
     section("peak_tflops", peaks)
     torch.cuda.empty_cache()
 
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaForSequenceClassification
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**BGE_M3_CONFIG))
+        model = XLMRobertaForSequenceClassification(xlmr_config(**BGE_M3_SHAPE))
     model = model.half().eval()
     cfg = model.config
     wl = make_workload(args.pairs, docs_per_query=100)
@@ -215,12 +216,12 @@ def main() -> None:
 
     def accuracy():
         ref = PackedEncoder(model, dtype=torch.float32, attention="sdpa")
-        want = score_rows(ref, acc_ids, acc_off, TokenBudget(16_384)).astype(np.float64)
+        want = score_rows(ref, acc_ids, acc_off, TokenBudget(16_384, 512)).astype(np.float64)
         del ref
         torch.cuda.empty_cache()
         out = {}
         for name, runner in runners.items():
-            got = score_rows(runner, acc_ids, acc_off, TokenBudget(args.budget))
+            got = score_rows(runner, acc_ids, acc_off, TokenBudget(args.budget, 512))
             scores[name] = got.astype(np.float64)
             out[f"{name} vs fp32"] = compare(want, scores[name], group)
         for name in runners:
@@ -236,7 +237,7 @@ def main() -> None:
         # runner's weights and the HF model stay resident), i.e. a forward's working memory.
         rows = {name: {"seconds": [], "peak_gib": 0.0} for name in runners}
         for runner in runners.values():  # warm-up: compile, autotune caches
-            score_rows(runner, ids[: offsets[512]], offsets[:513], TokenBudget(args.budget))
+            score_rows(runner, ids[: offsets[512]], offsets[:513], TokenBudget(args.budget, 512))
         for _ in range(args.reps):
             for name, runner in runners.items():
                 n = args.unfused_pairs if "torch ops" in name else args.pairs
@@ -246,7 +247,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
                 resident = torch.cuda.memory_allocated()
                 t0 = time.perf_counter()
-                score_rows(runner, sub_ids, sub_off, TokenBudget(args.budget))
+                score_rows(runner, sub_ids, sub_off, TokenBudget(args.budget, 512))
                 torch.cuda.synchronize()
                 rows[name]["seconds"].append(time.perf_counter() - t0)
                 rows[name]["pairs"] = n

@@ -35,8 +35,9 @@ def _model(dtype):
 
 
 def _batch(n, seed=0):
+    """``n`` packed rows of random lengths, longest first (as the scorer packs them)."""
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, 512, n)
+    lengths = np.sort(rng.integers(2, 512, n))[::-1]
     offsets = np.zeros(n + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(lengths)
     ids = rng.integers(3, 1000, int(offsets[-1])).astype(np.int32)
