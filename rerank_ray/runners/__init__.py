@@ -228,9 +228,10 @@ def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float)
     except ValueError as e:  # the GEMM's self-check or the model's shapes refused FP8 here
         if isinstance(e, ConfigError):
             raise
+        fix = "--dtype bfloat16, or " if dtype == torch.float16 else ""
         raise DeviceError(
             f"--precision fp8 cannot run on {torch.cuda.get_device_name(device)} with "
-            f"{str(dtype).removeprefix('torch.')}: {e}. Pass --dtype bfloat16, or --precision auto."
+            f"{str(dtype).removeprefix('torch.')}: {e}. Pass {fix}--precision auto."
         ) from e
     seconds = {
         "load_model": round(t_loaded - t0, 2),
