@@ -39,7 +39,7 @@ from bench.workload import (  # noqa: E402
     make_long_workload,
     save_synthetic_tokenizer,
 )
-from rerank_ray.tokenize import Chunking, window_spans  # noqa: E402
+from rerank_ray.pairs import Chunking, window_spans  # noqa: E402
 
 POSITIONS = 8192
 MODEL = dict(

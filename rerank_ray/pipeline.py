@@ -258,7 +258,8 @@ class NodeStage:
         model_dir = str(_resolve_model(cfg, s3))
         cache_dir = str(cfg.model_cache_dir or storage.default_cache_dir())
         if kind == "tokenize":
-            from rerank_ray.tokenize import Chunking, TokenizeStage
+            from rerank_ray.pairs import Chunking
+            from rerank_ray.tokenize import TokenizeStage
 
             # The actor holds one CPU: the tokenizers library would otherwise start a thread
             # per core in every tokenize actor and starve the scoring actor's host thread. An

@@ -137,9 +137,10 @@ def test_truncation_flag_and_extra_partition(ray_local, tiny_model_dir, tmp_path
 def test_long_docs_chunk_scores_every_row_once(ray_local, tiny_model_dir, tmp_path):
     """--long-docs chunk end to end: one row per pair, windows folded; the manifest counts
     the rows; the chunk columns after the job's own; scores as the stages give in-process."""
+    from rerank_ray.pairs import Chunking
     from rerank_ray.runners import RunnerOptions
     from rerank_ray.scorer import ScoreStage
-    from rerank_ray.tokenize import Chunking, TokenizeStage
+    from rerank_ray.tokenize import TokenizeStage
 
     table = make_pairs(200, seed=7)
     long_doc = " ".join(["paris is the capital and most populous city of france"] * 30)

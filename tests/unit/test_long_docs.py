@@ -11,10 +11,11 @@ from rerank_ray import schema
 from rerank_ray.config import ConfigError, JobConfig
 from rerank_ray.modes.config import NightlyConfig
 from rerank_ray.modes.groups import nightly_group
+from rerank_ray.pairs import Chunking, window_spans
 from rerank_ray.runners import RunnerOptions
 from rerank_ray.scorer import ScoreStage, fold_windows
 from rerank_ray.tiny_model import SAMPLE_TEXTS
-from rerank_ray.tokenize import Chunking, TokenizeStage, window_spans
+from rerank_ray.tokenize import TokenizeStage
 
 CPU = RunnerOptions(device="cpu")
 KINDS = ["tiny_model_dir", "tiny_bert_dir"]

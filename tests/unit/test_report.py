@@ -275,6 +275,7 @@ def test_readme_names_every_ray_metric():
 
     from rerank_ray.metrics import METRICS
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    # The README's run-report section points to docs/run-report.md, which lists them.
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "run-report.md").read_text()
     for spec in METRICS:
-        assert f"| `{spec.name}` | {spec.kind}" in readme, spec.name
+        assert f"| `{spec.name}` | {spec.kind}" in docs, spec.name

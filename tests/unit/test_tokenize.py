@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from rerank_ray import schema
-from rerank_ray.tokenize import PairTemplate, TokenizeStage, assemble_pairs
+from rerank_ray.pairs import PairTemplate, assemble_pairs
+from rerank_ray.tokenize import TokenizeStage
 
 PAIRS = [
     ("what is the capital of france", "paris is the capital and most populous city of france"),
@@ -298,7 +299,7 @@ def test_tokenizer_cache_misses_when_the_files_change_or_break(tiny_model_dir, t
     import json
     import shutil
 
-    from rerank_ray.tokenize import _TokenizerCache
+    from rerank_ray.tokenizer_cache import TokenizerCache as _TokenizerCache
 
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
