@@ -219,8 +219,8 @@ def build_dataset(
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_rows)
     common = {"batch_size": cfg.batch_rows, "batch_format": "pyarrow"}
     ds = ds.map_batches(
-        NodeStage,
-        fn_constructor_kwargs={"kind": "tokenize", "cfg": cfg, "s3": s3},
+        TokenizeOnNode,
+        fn_constructor_kwargs={"cfg": cfg, "s3": s3},
         compute=pools.tokenize,
         num_cpus=1,
         udf_modifying_row_count=False,
@@ -230,8 +230,8 @@ def build_dataset(
     # setting both is experimental (map_operator._canonicalize_ray_remote_args).
     resources = {"num_gpus": 1} if pools.use_gpu else {"num_cpus": 1}
     return ds.map_batches(
-        NodeStage,
-        fn_constructor_kwargs={"kind": "score", "cfg": cfg, "s3": s3, "calls": pools.scorer_calls},
+        ScoreOnNode,
+        fn_constructor_kwargs={"cfg": cfg, "s3": s3, "calls": pools.scorer_calls},
         compute=pools.score,
         udf_modifying_row_count=False,
         **resources,
@@ -251,7 +251,10 @@ class NodeStage:
     """A tokenize or scoring stage built on the node it runs on (the model is resolved there:
     an s3:// model is downloaded once per node), each call traced (``trace.py``)."""
 
-    def __init__(self, kind: str, cfg: JobConfig, s3: storage.S3Settings, calls: int = 1):
+    kind = ""  # "tokenize" or "score": set by the two subclasses below
+
+    def __init__(self, cfg: JobConfig, s3: storage.S3Settings, calls: int = 1):
+        kind = self.kind
         # Model loading's progress bars would reach the driver's console from every actor.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         self.trace = CallTrace(kind, cfg.run_id)
@@ -302,6 +305,18 @@ class NodeStage:
 
     def __call__(self, batch):
         return self.trace(self.stage, batch)
+
+
+class TokenizeOnNode(NodeStage):
+    """The tokenize stage (its own class, so Ray's actor names say which stage an actor runs)."""
+
+    kind = "tokenize"
+
+
+class ScoreOnNode(NodeStage):
+    """The scoring stage (its own class, so Ray's actor names say which stage an actor runs)."""
+
+    kind = "score"
 
 
 def _resolve_model(cfg: JobConfig, s3: storage.S3Settings):

@@ -30,7 +30,7 @@ from tests.conftest import make_pairs
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-SCORER_CLASS = "_ResolvedScore"  # the scoring stage's actor class, as Ray names it
+SCORER_CLASS = "ScoreOnNode"  # the scoring stage's actor class, as Ray names it
 
 
 def write_shards(table: pa.Table, directory: Path, shards: int) -> Path:
