@@ -69,6 +69,7 @@ def run_demo(workdir: Path, rows: int = 2000, model: str | None = None) -> dict:
     """Generate sample shards, run the job locally, print where the output is."""
     import ray
 
+    from rerank_ray import logs
     from rerank_ray.pipeline import run
 
     workdir = workdir.resolve()
@@ -76,6 +77,7 @@ def run_demo(workdir: Path, rows: int = 2000, model: str | None = None) -> dict:
     model_path, note = pick_model(workdir, model)
     print(f"rerank-ray demo: {note}", flush=True)
     if not ray.is_initialized():
+        logs.quiet_ray_logs()  # as the job does before it starts Ray
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
     cfg = JobConfig(
         input=str(shards),
