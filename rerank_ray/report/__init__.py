@@ -48,21 +48,28 @@ class RunReport:
 
         try:
             return ray.get(self.collector.progress.remote(), timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
             return None
 
     def manifest_part(self) -> dict[str, Any]:
         """The manifest's ``metrics`` (and where the report will be), taken at commit."""
         import ray
 
-        summary, self.detail = ray.get(self.collector.finish.remote(time.time()))
+        try:
+            summary, self.detail = ray.get(self.collector.finish.remote(time.time()))
+        except ray.exceptions.RayActorError as err:  # the report is lost, never the run
+            log.warning("run %s: no run report (its metrics collector died: %s)", self.run_id, err)
+            return {"metrics": None}
         return {"metrics": summary, "report": report_path(self.run_id)}
 
-    def write(self, out, manifest: dict[str, Any]) -> str:
-        """Write the report of the committed ``manifest`` under ``out``; returns its path."""
+    def write(self, out, manifest: dict[str, Any]) -> str | None:
+        """Write the report of the committed ``manifest`` under ``out``; returns its path
+        (None when the collector was lost and there is nothing to draw)."""
         from rerank_ray.report.render import render
         from rerank_ray.sink.location import write_bytes
 
+        if self.detail is None:
+            return None
         folder = out.path(REPORTS_DIR, self.run_id)
         for name, body in render(manifest, self.detail).items():
             write_bytes(out.fs, storage.join(folder, name), body)

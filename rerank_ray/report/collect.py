@@ -328,9 +328,14 @@ class _Collector:
 
 def start_collector(run_id: str, started: float, marks: dict[str, float] | None = None):
     """Start the run's collector actor (named after the run, so the stages find it). It holds
-    no CPU, is never restarted (a lost collector costs the report, not the run) and ends
-    with the driver."""
+    no CPU, runs on the driver's node (a worker node may be lost mid-run: the test of a
+    removed node lost it there), is never restarted (a lost collector costs the report, not
+    the run) and ends with the driver."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     actor = ray.remote(num_cpus=0, max_restarts=0)(_Collector)
-    return actor.options(name=collector_name(run_id)).remote(started, dict(marks or {}))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return actor.options(name=collector_name(run_id), scheduling_strategy=here).remote(
+        started, dict(marks or {})
+    )
