@@ -118,6 +118,13 @@ def rerank_run(env: dict[str, str], *args: str, timeout: float = 300):
     return done, time.time() - t0
 
 
+def error_line(stderr: str) -> str:
+    """The job's one error line (Ray's own processes may still write after it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("rerank-ray: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
 def _local_input(tmp_path: Path, rows: int = 60) -> Path:
     path = tmp_path / "in.parquet"
     pq.write_table(make_pairs(rows), path)
@@ -137,7 +144,7 @@ def test_pools_that_leave_no_cpu_for_reading_fail_fast(head_factory, tmp_path, t
     )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
     assert seconds < 60
-    error = done.stderr.strip().splitlines()[-1]
+    error = error_line(done.stderr)
     assert "needs 3 CPUs" in error and "has 2" in error, error
     assert "ray start --head --num-cpus 4" in error, error
     assert "Traceback" not in done.stderr
@@ -160,14 +167,14 @@ def test_stale_cluster_address_file_fails_fast_with_its_path(tmp_path, tiny_mode
         done, seconds = rerank_run(env, *args, timeout=120)
         assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
         assert seconds < 30
-        error = done.stderr.strip().splitlines()[-1]
+        error = error_line(done.stderr)
         assert dead in error and str(record) in error and "delete that file" in error, error
 
         # RAY_ADDRESS pointing at nothing: named as the source, with its own fix.
         done, seconds = rerank_run({**env, "RAY_ADDRESS": dead}, *args, timeout=120)
         assert done.returncode == 2, done.stderr[-3000:]
         assert seconds < 30
-        error = done.stderr.strip().splitlines()[-1]
+        error = error_line(done.stderr)
         assert dead in error and "RAY_ADDRESS" in error and "unset RAY_ADDRESS" in error, error
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
