@@ -152,7 +152,7 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
     allows, else padded. On CPU the padded HF forward is the exact reference path.
     """
     from rerank_ray.runners import packed
-    from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder
+    from rerank_ray.runners.padded import PaddedRunner
 
     t0 = time.perf_counter()
     device = pick_device(options.device)
@@ -162,9 +162,25 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
         return _build_int8(model_dir, options, device, t0)
     dtype = pick_dtype(options.dtype, device)
     on_gpu = device.type == "cuda"
+
+    def from_model(model):
+        if on_gpu and model.config.model_type in packed.SUPPORTED_MODEL_TYPES:
+            return packed.from_model(model, device, dtype, options)
+        return PaddedRunner(model, device)
+
+    direct = packed.from_checkpoint if on_gpu else None
+    return _load(model_dir, options, device, dtype, direct, from_model, t0)
+
+
+def _load(model_dir, options: RunnerOptions, device, dtype, from_checkpoint, from_model, t0):
+    """The runner ``from_checkpoint`` reads straight from ``model_dir`` (not with
+    ``--trust-remote-code``; None: not plainly readable), else ``from_model`` of the model
+    loaded through transformers; timed from ``t0``."""
+    from rerank_ray.runners.padded import load_cross_encoder
+
     runner = None
-    if on_gpu and not options.trust_remote_code:
-        runner = packed.from_checkpoint(model_dir, device, dtype, options)
+    if from_checkpoint is not None and not options.trust_remote_code:
+        runner = from_checkpoint(model_dir, device, dtype, options)
     load_path = "checkpoint" if runner is not None else "transformers"
     t_loaded = time.perf_counter()
     if runner is None:
@@ -176,10 +192,7 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
             trust_remote_code=options.trust_remote_code,
         )
         t_loaded = time.perf_counter()
-        if on_gpu and model.config.model_type in packed.SUPPORTED_MODEL_TYPES:
-            runner = packed.from_model(model, device, dtype, options)
-        else:
-            runner = PaddedRunner(model, device)
+        runner = from_model(model)
     seconds = {
         "load_model": round(t_loaded - t0, 2),
         "build_runner": round(time.perf_counter() - t_loaded, 2),
@@ -194,7 +207,6 @@ def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float)
 
     from rerank_ray.config import ConfigError
     from rerank_ray.runners import fp8, packed
-    from rerank_ray.runners.padded import load_cross_encoder
 
     if problem := fp8.unsupported(device):
         raise DeviceError(
@@ -203,28 +215,18 @@ def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float)
         )
     # bfloat16 unless asked: rowwise-scaled FP8 GEMMs output bf16 on every FP8 GPU.
     dtype = torch.float16 if options.dtype == "float16" else torch.bfloat16
-    try:
-        runner = None
-        if not options.trust_remote_code:
-            runner = fp8.from_checkpoint(model_dir, device, dtype, options)
-        load_path = "checkpoint" if runner is not None else "transformers"
-        t_loaded = time.perf_counter()
-        if runner is None:
-            model = load_cross_encoder(
-                model_dir,
-                device=device,
-                dtype=dtype,
-                allow_pickle_weights=options.allow_pickle_weights,
-                trust_remote_code=options.trust_remote_code,
+
+    def from_model(model):
+        if model.config.model_type not in packed.SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"--precision fp8 runs {', '.join(packed.SUPPORTED_MODEL_TYPES)} "
+                f"cross-encoders; {model_dir} is {model.config.model_type!r}: pass "
+                "--precision auto."
             )
-            t_loaded = time.perf_counter()
-            if model.config.model_type not in packed.SUPPORTED_MODEL_TYPES:
-                raise ConfigError(
-                    f"--precision fp8 runs {', '.join(packed.SUPPORTED_MODEL_TYPES)} "
-                    f"cross-encoders; {model_dir} is {model.config.model_type!r}: pass "
-                    "--precision auto."
-                )
-            runner = fp8.from_model(model, device, dtype, options)
+        return fp8.from_model(model, device, dtype, options)
+
+    try:
+        return _load(model_dir, options, device, dtype, fp8.from_checkpoint, from_model, t0)
     except ValueError as e:  # the GEMM's self-check or the model's shapes refused FP8 here
         if isinstance(e, ConfigError):
             raise
@@ -233,11 +235,6 @@ def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float)
             f"--precision fp8 cannot run on {torch.cuda.get_device_name(device)} with "
             f"{str(dtype).removeprefix('torch.')}: {e}. Pass {fix}--precision auto."
         ) from e
-    seconds = {
-        "load_model": round(t_loaded - t0, 2),
-        "build_runner": round(time.perf_counter() - t_loaded, 2),
-    }
-    return BuiltRunner(runner, device, dtype, load_path, seconds)
 
 
 def _build_int8(model_dir: str | Path, options: RunnerOptions, device, t0: float) -> BuiltRunner:
