@@ -29,12 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from rerank_ray.runners import kernels
-from rerank_ray.runners.packed import (
-    _ACTIVATIONS,
-    PackedEncoder,
-    checkpoint_config,
-    kernel_options,
-)
+from rerank_ray.runners.checkpoint import checkpoint_config
+from rerank_ray.runners.encoder import ACTIVATIONS, PackedEncoder
+from rerank_ray.runners.packed import kernel_options
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +150,7 @@ class Fp8Encoder(PackedEncoder):
                 up_w=quantize_weight(w.up_w),
                 down_w=quantize_weight(w.down_w),
             )
-        up_16bit, act = self._up, _ACTIVATIONS[cfg.hidden_act]
+        up_16bit, act = self._up, ACTIVATIONS[cfg.hidden_act]
         gelu_in_kernel = fused_quantization and cfg.hidden_act == "gelu"
 
         def up(x: torch.Tensor, w, b: torch.Tensor):
