@@ -1,13 +1,14 @@
 """The packed runner's build: the kernel policy, and the encoder from a model or a checkpoint.
 
 ``kernel_options`` is the one kernel policy for the padding-free encoder (``encoder.py``);
-``from_model`` and ``from_checkpoint`` build it from a loaded Hugging Face model or straight
-from a model directory.
+``from_model`` and ``from_checkpoint`` build it (or a subclass, with its own policy: ``fp8.py``)
+from a loaded Hugging Face model or straight from a model directory.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ from rerank_ray.runners.checkpoint import checkpoint_config
 from rerank_ray.runners.encoder import PackedEncoder
 
 logger = logging.getLogger(__name__)
+
+# (model config, device, dtype, RunnerOptions) -> the encoder's keyword options
+Policy = Callable[..., dict]
 
 
 def kernel_options(cfg, device: torch.device, dtype: torch.dtype, options) -> dict:
@@ -45,25 +49,41 @@ def kernel_options(cfg, device: torch.device, dtype: torch.dtype, options) -> di
     }
 
 
-def from_model(model, device: torch.device, dtype: torch.dtype, options) -> PackedEncoder:
-    """The packed runner of a loaded HF model, with the kernels ``kernel_options`` picks."""
-    return PackedEncoder(
-        model, device=device, dtype=dtype, **kernel_options(model.config, device, dtype, options)
+def from_model(
+    model,
+    device: torch.device,
+    dtype: torch.dtype,
+    options,
+    *,
+    encoder: type[PackedEncoder] = PackedEncoder,
+    policy: Policy = kernel_options,
+) -> PackedEncoder:
+    """The packed runner (an ``encoder``) of a loaded HF model, with the options ``policy``
+    picks."""
+    return encoder(
+        model, device=device, dtype=dtype, **policy(model.config, device, dtype, options)
     )
 
 
 def from_checkpoint(
-    model_dir: str | Path, device: torch.device, dtype: torch.dtype, options
+    model_dir: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    options,
+    *,
+    encoder: type[PackedEncoder] = PackedEncoder,
+    policy: Policy = kernel_options,
 ) -> PackedEncoder | None:
-    """The packed runner read straight from ``model_dir`` (no transformers), or None where
-    the directory is not plainly one ``PackedEncoder.from_checkpoint`` reads."""
+    """The packed runner (an ``encoder``) read straight from ``model_dir`` (no transformers),
+    with the options ``policy`` picks; None where the directory is not plainly one
+    ``PackedEncoder.from_checkpoint`` reads."""
     config = checkpoint_config(Path(model_dir))
     if config is None:
         return None
-    return PackedEncoder.from_checkpoint(
+    return encoder.from_checkpoint(
         model_dir,
         device=device,
         dtype=dtype,
         config=config,
-        **kernel_options(config, device, dtype, options),
+        **policy(config, device, dtype, options),
     )
