@@ -201,7 +201,7 @@ def rr_runner(variant: str, model_dir: str, threads: int, work: str):
     model = load_cross_encoder(model_dir, device=torch.device("cpu"), dtype=torch.float32)
     if variant == "rr-fp32":  # what ScoreStage builds on a CPU
         return PaddedRunner(model, torch.device("cpu"))
-    from rerank_ray.runners.packed import PackedEncoder
+    from rerank_ray.runners.encoder import PackedEncoder
 
     return PackedEncoder(model)  # attention 'sdpa' on CPU
 

@@ -52,8 +52,8 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from transformers import BertForSequenceClassification  # noqa: E402
 
+from rerank_ray.runners.encoder import PackedEncoder  # noqa: E402
 from rerank_ray.runners.fp8 import Fp8Encoder  # noqa: E402
-from rerank_ray.runners.packed import PackedEncoder  # noqa: E402
 from rerank_ray.runners.padded import PaddedRunner  # noqa: E402
 
 MICRO_BATCH_TOKENS = 8192

@@ -41,7 +41,8 @@ from bench.run_bench import score_rows, seconds_per_call  # noqa: E402
 from bench.workload import encoder_flops, make_workload  # noqa: E402
 from rerank_ray.backoff import TokenBudget  # noqa: E402
 from rerank_ray.runners import RunnerOptions, fp8  # noqa: E402
-from rerank_ray.runners.packed import PackedEncoder, kernel_options  # noqa: E402
+from rerank_ray.runners.encoder import PackedEncoder  # noqa: E402
+from rerank_ray.runners.packed import kernel_options  # noqa: E402
 from rerank_ray.tiny_model import BGE_M3_SHAPE, xlmr_config  # noqa: E402
 
 GIB = 2**30

@@ -43,7 +43,8 @@ from rerank_ray.packing import (  # noqa: E402
     token_budget_spans,
 )
 from rerank_ray.runners import RunnerOptions  # noqa: E402
-from rerank_ray.runners.packed import PackedEncoder, kernel_options  # noqa: E402
+from rerank_ray.runners.encoder import PackedEncoder  # noqa: E402
+from rerank_ray.runners.packed import kernel_options  # noqa: E402
 
 SECTIONS = (
     "matmul",

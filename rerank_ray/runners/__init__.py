@@ -3,8 +3,8 @@
 ``build_runner(model_dir, options)`` is the only place that decides which runner scores a
 model and with which kernels; it validates the options against the model and the device once.
 
-- ``packed.PackedEncoder``: the padding-free encoder (XLM-R, RoBERTa, BERT), on a GPU with the
-  Triton kernels of ``kernels.py`` where they pass their self-check.
+- ``encoder.PackedEncoder``: the padding-free encoder (XLM-R, RoBERTa, BERT), on a GPU with the
+  Triton kernels of ``kernels.py`` where they pass their self-check (``packed.py`` builds it).
 - ``padded.PaddedRunner``: Hugging Face's own forward on padded batches, for every other
   model, and on CPU.
 - ``fp8.Fp8Encoder``: the packed encoder with FP8 GEMMs, only when ``precision`` asks for it.
@@ -153,6 +153,7 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
     """
     from rerank_ray.runners import packed
     from rerank_ray.runners.padded import PaddedRunner
+    from rerank_ray.runners.weights import SUPPORTED_MODEL_TYPES
 
     t0 = time.perf_counter()
     device = pick_device(options.device)
@@ -164,7 +165,7 @@ def build_runner(model_dir: str | Path, options: RunnerOptions) -> BuiltRunner:
     on_gpu = device.type == "cuda"
 
     def from_model(model):
-        if on_gpu and model.config.model_type in packed.SUPPORTED_MODEL_TYPES:
+        if on_gpu and model.config.model_type in SUPPORTED_MODEL_TYPES:
             return packed.from_model(model, device, dtype, options)
         return PaddedRunner(model, device)
 
@@ -206,7 +207,8 @@ def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float)
     import torch
 
     from rerank_ray.config import ConfigError
-    from rerank_ray.runners import fp8, packed
+    from rerank_ray.runners import fp8
+    from rerank_ray.runners.weights import SUPPORTED_MODEL_TYPES
 
     if problem := fp8.unsupported(device):
         raise DeviceError(
@@ -217,9 +219,9 @@ def _build_fp8(model_dir: str | Path, options: RunnerOptions, device, t0: float)
     dtype = torch.float16 if options.dtype == "float16" else torch.bfloat16
 
     def from_model(model):
-        if model.config.model_type not in packed.SUPPORTED_MODEL_TYPES:
+        if model.config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"--precision fp8 runs {', '.join(packed.SUPPORTED_MODEL_TYPES)} "
+                f"--precision fp8 runs {', '.join(SUPPORTED_MODEL_TYPES)} "
                 f"cross-encoders; {model_dir} is {model.config.model_type!r}: pass "
                 "--precision auto."
             )

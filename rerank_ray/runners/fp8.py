@@ -28,13 +28,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from rerank_ray.runners import kernels
-from rerank_ray.runners.packed import (
-    _ACTIVATIONS,
-    PackedEncoder,
-    checkpoint_config,
-    kernel_options,
-)
+from rerank_ray.runners import kernels, packed
+from rerank_ray.runners.encoder import ACTIVATIONS, PackedEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +148,7 @@ class Fp8Encoder(PackedEncoder):
                 up_w=quantize_weight(w.up_w),
                 down_w=quantize_weight(w.down_w),
             )
-        up_16bit, act = self._up, _ACTIVATIONS[cfg.hidden_act]
+        up_16bit, act = self._up, ACTIVATIONS[cfg.hidden_act]
         gelu_in_kernel = fused_quantization and cfg.hidden_act == "gelu"
 
         def up(x: torch.Tensor, w, b: torch.Tensor):
@@ -235,7 +230,7 @@ def fp8_options(cfg, device: torch.device, dtype: torch.dtype, options) -> dict:
     """``Fp8Encoder`` options on ``device``: the packed runner's kernels (``kernel_options``),
     the cuda path, quantization fused where those kernels run and pass the FP8 self-check.
     Raises ``ValueError`` (with why) where the FP8 GEMM itself fails its check."""
-    opts = kernel_options(cfg, device, dtype, options)
+    opts = packed.kernel_options(cfg, device, dtype, options)
     problem, fused_ok = self_check(device, dtype, fused=opts["fused_layer_norm"])
     if problem:
         raise ValueError(problem)
@@ -249,23 +244,12 @@ def fp8_options(cfg, device: torch.device, dtype: torch.dtype, options) -> dict:
 
 def from_model(model, device: torch.device, dtype: torch.dtype, options) -> Fp8Encoder:
     """The FP8 runner of a loaded HF model."""
-    return Fp8Encoder(
-        model, device=device, dtype=dtype, **fp8_options(model.config, device, dtype, options)
-    )
+    return packed.from_model(model, device, dtype, options, encoder=Fp8Encoder, policy=fp8_options)
 
 
 def from_checkpoint(model_dir, device: torch.device, dtype: torch.dtype, options):
     """The FP8 runner read straight from ``model_dir``, or None where the directory is not
     plainly one ``PackedEncoder.from_checkpoint`` reads."""
-    from pathlib import Path
-
-    config = checkpoint_config(Path(model_dir))
-    if config is None:
-        return None
-    return Fp8Encoder.from_checkpoint(
-        model_dir,
-        device=device,
-        dtype=dtype,
-        config=config,
-        **fp8_options(config, device, dtype, options),
+    return packed.from_checkpoint(
+        model_dir, device, dtype, options, encoder=Fp8Encoder, policy=fp8_options
     )

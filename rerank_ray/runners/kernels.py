@@ -1,4 +1,7 @@
-"""Triton kernels for the padding-free encoder: the elementwise work fused around the matmuls.
+"""The Triton kernels as PyTorch ops: checked inputs, launches, availability and a self-check.
+
+The padding-free encoder calls these for the elementwise work fused around its matmuls (their
+sources are in ``kernel_sources.py``):
 
 - ``add_layer_norm_``: each encoder layer ends its attention and its feed-forward block with
   ``LayerNorm(y + x)``. Eagerly that is two kernels and five passes over a ``tokens x hidden``
@@ -27,71 +30,13 @@ installs) ``available()`` is False and the encoder keeps the eager ops. Under
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import numpy as np
 import torch
 
-
-# Device functions shared by kernels are passed to them as constexpr arguments: the
-# interpreter does not see a kernel's closure variables.
-@functools.cache
-def _e4m3():
-    """Triton helper: quantize one float32 row to float8 e4m3 with a rowwise scale (amax/448)
-    and store it and its scale; the same math as ``fp8.quantize_rows``, bit for bit."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def store_e4m3_row(v, mask, Q, S):
-        amax = tl.maximum(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0), 1e-12)
-        # IEEE divisions (Triton's `/` is approximate on GPUs): the scale torch computes.
-        a = tl.minimum(tl.abs(v * tl.div_rn(448.0, amax)), 448.0)
-        # Round to the e4m3 grid here, to nearest even, so the final cast is exact: the
-        # interpreter's own float8 cast drops the carry when rounding crosses a power of two.
-        # Normal range: keep 3 of float32's 23 mantissa bits. Below 2^-6 (subnormal) the grid
-        # is 2^-9: float32 addition of 1.5 * 2^14 rounds there.
-        bits = a.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-        g = tl.where(a < 0.015625, (a + 24576.0) - 24576.0, normal)
-        sign = v.to(tl.int32, bitcast=True) & -2147483648
-        g = (g.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-        tl.store(Q, g.to(tl.float8e4nv), mask=mask)
-        tl.store(S, tl.div_rn(amax, 448.0))
-
-    return store_e4m3_row
-
-
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def add_layer_norm_kernel(
-        Y, X, W, B, Q, S, stride, n_cols, eps,
-        BLOCK: tl.constexpr, QUANT: tl.constexpr, E4M3: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        y = tl.load(Y + row * stride + cols, mask=mask, other=0.0)
-        x = tl.load(X + row * stride + cols, mask=mask, other=0.0)
-        # Round the sum to the input dtype first, as the eager fp16/bf16 add does.
-        s = (y.to(tl.float32) + x.to(tl.float32)).to(y.dtype).to(tl.float32)
-        mean = tl.sum(s, axis=0) / n_cols
-        d = tl.where(mask, s - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / n_cols + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        out = (d * rstd * w + b).to(y.dtype)
-        tl.store(Y + row * stride + cols, out, mask=mask)
-        if QUANT:  # the next GEMM's FP8 input, from the rounded output still in registers
-            E4M3(out.to(tl.float32), mask, Q + row * n_cols + cols, S + row)
-
-    return add_layer_norm_kernel, triton.next_power_of_2
+from rerank_ray.runners import kernel_sources as src
 
 
 def available(device: torch.device) -> bool:
@@ -137,72 +82,13 @@ def _launch_add_layer_norm(y, x, weight, bias, eps, quant) -> None:
     rows, cols = y.shape
     if rows == 0:
         return
-    kernel, next_pow2 = _kernel()
-    block = next_pow2(cols)
+    block = src.next_power_of_2(cols)
     warps = 4 if block <= 1024 else 8
     q, scale = quant if quant is not None else (y, y)  # unused pointers without QUANT
-    kernel[(rows,)](
+    src.add_layer_norm_kernel()[(rows,)](
         y, x, weight, bias, q, scale, y.stride(0), cols, eps,
-        BLOCK=block, QUANT=quant is not None, E4M3=_e4m3(), num_warps=warps,
+        BLOCK=block, QUANT=quant is not None, E4M3=src.store_e4m3_row(), num_warps=warps,
     )  # fmt: skip
-
-
-@functools.cache
-def _gelu():
-    """Triton helper: the exact (erf) GELU of a float32 block."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gelu_f32(h):
-        # 1 + erf(h / sqrt 2) through erfc = poly(t) * exp(-z^2) (Abramowitz & Stegun 7.1.26,
-        # |error| <= 1.5e-7): a dozen instructions where libdevice's erf takes ~40, and no
-        # cancellation on the negative side.
-        s = tl.abs(h) * 0.7071067811865476
-        t = 1.0 / (1.0 + 0.3275911 * s)
-        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
-               + t * (-1.453152027 + t * 1.061405429))))  # fmt: skip
-        erfc = poly * tl.exp2(-1.4426950408889634 * s * s)
-        one_plus_erf = tl.where(h >= 0, 2.0 - erfc, erfc)
-        return 0.5 * h * one_plus_erf
-
-    return gelu_f32
-
-
-@functools.cache
-def _gelu_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gelu_kernel(X, n, BLOCK: tl.constexpr, GELU_F32: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        h = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(X + offs, GELU_F32(h).to(X.dtype.element_ty), mask=mask)
-
-    return gelu_kernel
-
-
-@functools.cache
-def _rows_e4m3_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def rows_e4m3_kernel(
-        X, Q, S, stride, n_cols,
-        BLOCK: tl.constexpr, GELU: tl.constexpr, GELU_F32: tl.constexpr, E4M3: tl.constexpr,
-    ):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        v = tl.load(X + row * stride + cols, mask=mask, other=0.0)
-        if GELU:  # rounded to the input dtype first, as gelu_ would write it
-            v = GELU_F32(v.to(tl.float32)).to(X.dtype.element_ty)
-        E4M3(v.to(tl.float32), mask, Q + row * n_cols + cols, S + row)
-
-    return rows_e4m3_kernel
 
 
 def rows_e4m3(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,11 +100,10 @@ def rows_e4m3(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.
     q = torch.empty((rows, cols), device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty((rows, 1), device=x.device, dtype=torch.float32)
     if rows:
-        _, next_pow2 = _kernel()
-        block = next_pow2(cols)
-        _rows_e4m3_kernel()[(rows,)](
+        block = src.next_power_of_2(cols)
+        src.rows_e4m3_kernel()[(rows,)](
             x, q, scale, x.stride(0), cols,
-            BLOCK=block, GELU=gelu, GELU_F32=_gelu(), E4M3=_e4m3(),
+            BLOCK=block, GELU=gelu, GELU_F32=src.gelu_f32(), E4M3=src.store_e4m3_row(),
             num_warps=4 if block <= 1024 else 8,
         )  # fmt: skip
     return q, scale
@@ -234,7 +119,8 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n:
         block = 1024 if _interpreting() else 4096
-        _gelu_kernel()[(-(-n // block),)](x, n, BLOCK=block, GELU_F32=_gelu(), num_warps=8)
+        grid = (-(-n // block),)
+        src.gelu_kernel()[grid](x, n, BLOCK=block, GELU_F32=src.gelu_f32(), num_warps=8)
     return x
 
 
@@ -247,67 +133,6 @@ def _half_on_gpu(name: str, x: torch.Tensor) -> None:
     dots in TF32, less exact than the eager float32 path it stands in for."""
     if x.device.type == "cuda" and x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"{name} takes float16 or bfloat16 on a GPU, got {x.dtype}.")
-
-
-@functools.cache
-def _attention_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def varlen_attention_kernel(
-        QKV, OUT, CU, WORK, qk_scale, stride_qkv, stride_o,
-        HEADS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        # One program per (row block of a sequence, head): the work list holds each
-        # sequence's blocks, so no program starts past the end of a short sequence. Work
-        # items sit on the grid's x axis (up to 2^31 - 1; y allows 65,535).
-        item = tl.program_id(0)
-        head = tl.program_id(1)
-        seq = tl.load(WORK + 2 * item)
-        m_block = tl.load(WORK + 2 * item + 1)
-        start = tl.load(CU + seq)
-        length = tl.load(CU + seq + 1) - start
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        base = QKV + start.to(tl.int64) * stride_qkv + head * D
-        q = tl.load(
-            base + offs_m[:, None] * stride_qkv + offs_d[None, :],
-            mask=offs_m[:, None] < length,
-            other=0.0,
-        )
-        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
-        for n0 in range(0, length, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid = offs_n < length
-            kt = tl.load(  # K^T tile [D, BLOCK_N]: k sits HEADS*D after q in each QKV row
-                base + HEADS * D + offs_n[None, :] * stride_qkv + offs_d[:, None],
-                mask=valid[None, :],
-                other=0.0,
-            )
-            s = tl.dot(q, kt) * qk_scale  # log2 units: softmax through exp2
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                base + 2 * HEADS * D + offs_n[:, None] * stride_qkv + offs_d[None, :],
-                mask=valid[:, None],
-                other=0.0,
-            )
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
-        out = acc / l_i[:, None]
-        o_ptrs = (
-            OUT + (start + offs_m[:, None]).to(tl.int64) * stride_o + head * D + offs_d[None, :]
-        )
-        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_m[:, None] < length)
-
-    return varlen_attention_kernel
 
 
 def attention_supported(head_dim: int) -> bool:
@@ -364,11 +189,10 @@ def varlen_attention(
     if work is None:
         lengths = np.diff(cu_seqlens.cpu().numpy())
         work = torch.from_numpy(attention_work(lengths, block_m)).to(qkv.device)
-    kernel = _attention_kernel()
     scale = 1.4426950408889634 / math.sqrt(head_dim)  # log2(e) / sqrt(d)
     # One fixed tile (the fastest measured on the scorer's micro-batches, bench/README.md):
     # one compile at actor start, not one per candidate.
-    kernel[(work.shape[0] // 2, heads)](
+    src.varlen_attention_kernel()[(work.shape[0] // 2, heads)](
         qkv, out, cu_seqlens, work, scale, qkv.stride(0), out.stride(0),
         HEADS=heads, D=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_stages=stages, num_warps=warps,

@@ -9,7 +9,8 @@ import torch
 from rerank_ray.autotune import autotune_token_budget
 from rerank_ray.backoff import TokenBudget, score_microbatches
 from rerank_ray.packing import MicroBatch
-from rerank_ray.runners.packed import PackedEncoder, varlen_attention_available
+from rerank_ray.runners.attention import varlen_attention_available
+from rerank_ray.runners.encoder import PackedEncoder
 
 pytestmark = [
     pytest.mark.gpu,

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_encoder import LENGTHS, _batch, _bert, _hf_padded, _xlmr  # noqa: E402
 
 from rerank_ray.runners import kernels  # noqa: E402
-from rerank_ray.runners.packed import PackedEncoder  # noqa: E402
+from rerank_ray.runners.encoder import PackedEncoder  # noqa: E402
 
 out = {"available_cpu": kernels.available(torch.device("cpu"))}
 torch.manual_seed(0)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
-from rerank_ray.runners.packed import PackedEncoder
+from rerank_ray.runners.encoder import PackedEncoder
 
 rng = np.random.default_rng(0)
 LENGTHS = [3, 17, 1, 40, 9]
@@ -100,7 +100,7 @@ def test_reading_the_checkpoint_imports_no_transformers(tiny_model_dir):
     """What the path is for: the scoring actor's start without importing transformers."""
     code = (
         "import sys, torch\n"
-        "from rerank_ray.runners.packed import PackedEncoder\n"
+        "from rerank_ray.runners.encoder import PackedEncoder\n"
         f"e = PackedEncoder.from_checkpoint({str(tiny_model_dir)!r}, device='cpu',"
         " dtype=torch.float32)\n"
         "assert e is not None\n"

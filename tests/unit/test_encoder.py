@@ -11,7 +11,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from rerank_ray.runners.packed import PackedEncoder
+from rerank_ray.runners.encoder import PackedEncoder
 from rerank_ray.tiny_model import xlmr_config
 
 VOCAB = 97

@@ -13,8 +13,8 @@ from test_encoder import LENGTHS, _batch, _bert, _hf_padded, _xlmr
 
 from rerank_ray.config import ConfigError, JobConfig
 from rerank_ray.runners import DeviceError, RunnerOptions, build_runner, fp8
+from rerank_ray.runners.encoder import PackedEncoder
 from rerank_ray.runners.fp8 import Fp8Encoder, fp8_gemm, quantize_rows, quantize_weight
-from rerank_ray.runners.packed import PackedEncoder
 from rerank_ray.runners.padded import PaddedRunner
 
 

@@ -15,7 +15,7 @@ import torch
 from test_encoder import _xlmr
 
 from rerank_ray.runners import kernels
-from rerank_ray.runners.packed import PackedEncoder
+from rerank_ray.runners.encoder import PackedEncoder
 
 
 @pytest.fixture(scope="module")
