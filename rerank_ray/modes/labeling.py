@@ -33,10 +33,7 @@ from rerank_ray.modes.ranking import (
     RANK,
     RANK_FIELDS,
     query_groups,
-    rank_scored,
-    resolve_first_stage,
     split_rejected,
-    with_null_columns,
 )
 
 IS_POSITIVE = "is_positive"
@@ -46,15 +43,6 @@ POS = "pos"
 NEG = "neg"
 LABEL_FIELDS = (pa.field(LABEL, pa.string()), pa.field(HARD_NEGATIVE, pa.bool_()))
 MODE_FIELDS = (*RANK_FIELDS, *LABEL_FIELDS)
-
-
-def label_queries(table: pa.Table, cfg: LabelConfig) -> pa.Table:
-    """Rank and label every query; scored rows sorted by (query_id, rank), then the rejected
-    rows unchanged. Appends the ranking columns, ``label`` and ``hard_negative``."""
-    check_label_columns(table.column_names, cfg)
-    scored, rejected = split_rejected(table)
-    ranked = rank_scored(scored, resolve_first_stage(table.column_names, cfg.first_stage)).ranked
-    return pa.concat_tables([label_ranked(ranked, cfg), with_null_columns(rejected, MODE_FIELDS)])
 
 
 def check_label_columns(names: list[str], cfg: LabelConfig) -> None:
@@ -144,7 +132,7 @@ class LabelStats:
 
 
 def label_stats(labeled: pa.Table) -> LabelStats:
-    """Counts of ``label_queries`` output. ``queries_no_hard_negative`` counts queries with a
+    """Counts of ``labeling_group`` output. ``queries_no_hard_negative`` counts queries with a
     positive but no hard negative; ``exportable_queries`` those with both (the JSONL rows)."""
     scored, rejected = split_rejected(labeled)
     if scored.num_rows == 0:

@@ -69,22 +69,6 @@ def resolve_first_stage(names: list[str], choice: str) -> str | None:
     return choice
 
 
-def rank_queries(table: pa.Table, first_stage: str = "auto") -> pa.Table:
-    """Rank every query's candidates; returns the de-duplicated scored rows sorted by
-    (query_id, rank) with the ``RANK_COLUMNS`` appended, then the rejected rows unchanged."""
-    scored, rejected = split_rejected(table)
-    ranked = rank_scored(scored, resolve_first_stage(table.column_names, first_stage)).ranked
-    return pa.concat_tables([ranked, with_null_columns(rejected, RANK_FIELDS)])
-
-
-def top_k(table: pa.Table, k: int | None) -> pa.Table:
-    """Rows ranked 1..k, and every rejected row (null ``rank``); all rows when k is None."""
-    if k is None:
-        return table
-    keep = pc.fill_null(pc.less_equal(table[RANK], k), True)
-    return table.filter(keep)
-
-
 def with_null_columns(table: pa.Table, new_fields: tuple[pa.Field, ...]) -> pa.Table:
     """``table`` with all-null columns appended (the mode columns of rejected rows)."""
     for f in new_fields:
@@ -197,7 +181,7 @@ class NightlyStats:
 
 
 def nightly_stats(ranked: pa.Table, k: int) -> NightlyStats:
-    """Statistics of ranked rows (``rank_queries`` output, before or after ``top_k(k' >= k)``).
+    """Statistics of ranked rows (``nightly_group`` output with any ``top_k >= k``, or none).
 
     The first-stage comparison covers queries with at least two candidates and a first-stage
     column: overlap@k = |reranked top-k ∩ first-stage top-k| / min(k, candidates), and whether
