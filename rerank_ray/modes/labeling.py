@@ -25,7 +25,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_ray import schema
-from rerank_ray.config import ConfigError
 from rerank_ray.modes.config import LabelConfig
 from rerank_ray.modes.ranking import (
     NUM_CANDIDATES,
@@ -35,6 +34,7 @@ from rerank_ray.modes.ranking import (
     query_groups,
     split_rejected,
 )
+from rerank_ray.typed_config import ConfigError
 
 IS_POSITIVE = "is_positive"
 LABEL = "label"
