@@ -12,7 +12,8 @@ import yaml
 
 from rerank_ray import cli, logs
 from rerank_ray.modes.config import add_mode_flags, mode_config_from_args
-from rerank_ray.modes.run import MODES, Mode, run_mode
+from rerank_ray.modes.registry import MODES, Mode
+from rerank_ray.modes.run import run_mode
 from rerank_ray.typed_config import ConfigError
 
 

@@ -18,8 +18,8 @@ from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.exports import flagembedding_records, hard_negative_rows
 from rerank_ray.modes.labeling import label_stats
 from rerank_ray.modes.ranking import nightly_stats
+from rerank_ray.modes.registry import LABELING, NIGHTLY
 from rerank_ray.modes.report import score_report
-from rerank_ray.modes.run import LABELING, NIGHTLY
 from rerank_ray.modes.stage import RESULT_COLUMN, ValueRange, merge_partials, process_block
 from rerank_ray.sink import OutputLocation, RerankSink
 from rerank_ray.storage import S3Settings
