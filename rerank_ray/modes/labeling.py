@@ -31,6 +31,7 @@ from rerank_ray.modes.ranking import (
     NUM_DUPLICATES,
     RANK,
     RANK_FIELDS,
+    Sums,
     query_groups,
     split_rejected,
 )
@@ -102,7 +103,7 @@ def _hard_negatives(
 
 
 @dataclass(frozen=True)
-class LabelStats:
+class LabelStats(Sums):
     """Partial sums over whole queries of labeled rows; add them up with ``+``."""
 
     queries: int = 0
@@ -118,14 +119,6 @@ class LabelStats:
     single_candidate_queries: int = 0
     duplicates_dropped: int = 0
     rejected_rows: int = 0
-
-    def __add__(self, other: LabelStats) -> LabelStats:
-        return LabelStats(
-            **{
-                f.name: getattr(self, f.name) + getattr(other, f.name)
-                for f in dataclasses.fields(self)
-            }
-        )
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
