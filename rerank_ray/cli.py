@@ -94,7 +94,7 @@ def output_level(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The ``rerank-ray`` parser: ``run``, ``demo`` and the job modes."""
     from rerank_ray.modes.cli import add_mode_parser
-    from rerank_ray.modes.run import MODES
+    from rerank_ray.modes.registry import MODES
 
     parser = argparse.ArgumentParser(
         prog="rerank-ray",

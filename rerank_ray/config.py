@@ -1,24 +1,24 @@
 """The job's configuration: one typed, frozen, validated object, from YAML and/or flags.
 
 Each field carries its help text (``metadata["help"]``); the CLI builds its flags from the
-fields, so a field added here is a flag and a YAML key at once.
+fields, so a field added here is a flag and a YAML key at once. How a mapping (YAML, flags)
+becomes a config is ``typed_config``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import difflib
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rerank_ray.errors import RerankError
 from rerank_ray.runners import DEVICES, DTYPES, PRECISIONS, check_precision
+from rerank_ray.typed_config import ConfigError, check_choice, coerce_value, from_mapping
 
 DEFAULT_MODEL = "BAAI/bge-reranker-v2-m3"
 INPUT_FORMATS = ("auto", "parquet", "jsonl")
@@ -27,10 +27,6 @@ CHUNK_AGGREGATES = ("max", "first", "mean")
 # Special tokens around a pair that the config-time checks allow for (XLM-R's <s> q </s></s>
 # d </s> has 4); the tokenize stage checks the model's own count.
 PAIR_SPECIAL_TOKENS = 4
-
-
-class ConfigError(RerankError, ValueError):
-    """A configuration value is invalid; the message names the key, the value and the fix."""
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
@@ -147,10 +143,10 @@ class JobConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"`{key}` is required: pass --{key} URI or set `{key}:` in YAML.")
-        _choice("input_format", self.input_format, INPUT_FORMATS)
-        _choice("dtype", self.dtype, DTYPES)
-        _choice("device", self.device, DEVICES)
-        _choice("precision", self.precision, PRECISIONS)
+        check_choice("input_format", self.input_format, INPUT_FORMATS)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        check_choice("precision", self.precision, PRECISIONS)
         check_precision(self.precision, self.dtype)
         if self.max_length < 8:
             raise ConfigError(f"`max_length` is {self.max_length}; it must be at least 8.")
@@ -210,8 +206,8 @@ class JobConfig:
             raise ConfigError(f"The four column names must differ; got {cols}.")
 
     def _check_long_docs(self) -> None:
-        _choice("long_docs", self.long_docs, LONG_DOCS)
-        _choice("chunk_aggregate", self.chunk_aggregate, CHUNK_AGGREGATES)
+        check_choice("long_docs", self.long_docs, LONG_DOCS)
+        check_choice("chunk_aggregate", self.chunk_aggregate, CHUNK_AGGREGATES)
         if self.max_chunks_per_doc < 1:
             raise ConfigError(
                 f"`max_chunks_per_doc` is {self.max_chunks_per_doc}; it must be at least 1."
@@ -281,27 +277,9 @@ class JobConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> JobConfig:
         """Build from a mapping; an unknown key is an error naming the closest valid key."""
-        valid = cls.field_names()
-        normalized: dict[str, Any] = {}
-        for key, value in data.items():
-            name = known_key(key, valid, source)
-            normalized[name] = _coerce(name, value, source)
-        for f in fields(cls):
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required and f.name not in normalized:
-                raise ConfigError(
-                    f"`{f.name}` is required: pass --{f.name} URI or set `{f.name}:` in {source}."
-                )
-        try:
-            return cls(**normalized)
-        except TypeError as err:
-            raise ConfigError(f"Invalid {source}: {err}") from None
+        return from_mapping(cls, data, source, coerce_value)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobConfig:
@@ -315,16 +293,6 @@ class JobConfig:
         return cls.from_dict(merged, source=str(path))
 
 
-def known_key(key: Any, valid: list[str], source: str) -> str:
-    """``key`` as a field name (``-`` read as ``_``); unknown keys name the closest valid one."""
-    name = str(key).replace("-", "_")
-    if name not in valid:
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-        hint = f" Did you mean `{close[0]}`?" if close else ""
-        raise ConfigError(f"Unknown key `{key}` in {source}.{hint} Valid keys: {', '.join(valid)}.")
-    return name
-
-
 def new_run_id() -> str:
     """A sortable, unique run id: UTC timestamp plus a random suffix."""
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -333,63 +301,3 @@ def new_run_id() -> str:
 
 def _is_safe_id(value: str) -> bool:
     return bool(value) and all(c.isalnum() or c in "-_" for c in value)
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}.")
-
-
-_BOOL_FIELDS = {
-    "s3_verify_tls",
-    "allow_pickle_weights",
-    "trust_remote_code",
-    "fast_gelu",
-    "fused_kernels",
-}
-_INT_FIELDS = {
-    "max_length",
-    "query_max_length",
-    "num_actors",
-    "min_actors",
-    "max_actors",
-    "tokenize_actors",
-    "batch_rows",
-    "scorer_calls",
-    "token_budget",
-    "rows_per_file",
-    "chunk_overlap",
-    "max_chunks_per_doc",
-}
-_LIST_FIELDS = {"keep_columns", "partition_by"}
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """Accept YAML/flag spellings (``"true"``, ``"512"``, ``"a,b"``); reject the rest clearly."""
-    if value is None:
-        return None
-    if name in _BOOL_FIELDS:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes", "on"):
-            return True
-        if text in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"`{name}` in {source} is {value!r}; use true or false.")
-    if name in _INT_FIELDS:
-        if isinstance(value, bool):
-            raise ConfigError(f"`{name}` in {source} is {value!r}; use an integer.")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"`{name}` in {source} is {value!r}; use an integer.") from None
-    if name in _LIST_FIELDS:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
-        raise ConfigError(f"`{name}` in {source} is {value!r}; use a list or 'a,b,c'.")
-    if not isinstance(value, str):
-        raise ConfigError(f"`{name}` in {source} is {value!r}; use a string.")
-    return value

@@ -11,9 +11,10 @@ from pathlib import Path
 import yaml
 
 from rerank_ray import cli, logs
-from rerank_ray.config import ConfigError
 from rerank_ray.modes.config import add_mode_flags, mode_config_from_args
-from rerank_ray.modes.run import MODES, Mode, run_mode
+from rerank_ray.modes.registry import MODES, Mode
+from rerank_ray.modes.run import run_mode
+from rerank_ray.typed_config import ConfigError
 
 
 def _add_flags(parser: argparse.ArgumentParser, mode: Mode) -> None:

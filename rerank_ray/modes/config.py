@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from rerank_ray.config import ConfigError, known_key
+from rerank_ray.typed_config import ConfigError, check_choice, field_kind, from_mapping
 
 FIRST_STAGE_CHOICES = ("auto", "retrieval_rank", "retrieval_score", "none")
 LABEL_SOURCES = ("threshold", "given")
@@ -49,7 +49,7 @@ class NightlyConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("first_stage", self.first_stage, FIRST_STAGE_CHOICES)
+        check_choice("first_stage", self.first_stage, FIRST_STAGE_CHOICES)
         for key in ("top_k", "overlap_k"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -128,10 +128,10 @@ class LabelConfig:
     )
 
     def __post_init__(self) -> None:
-        _choice("label_source", self.label_source, LABEL_SOURCES)
-        _choice("score_column", self.score_column, SCORE_COLUMNS)
-        _choice("teacher_score", self.teacher_score, SCORE_COLUMNS)
-        _choice("first_stage", self.first_stage, FIRST_STAGE_CHOICES)
+        check_choice("label_source", self.label_source, LABEL_SOURCES)
+        check_choice("score_column", self.score_column, SCORE_COLUMNS)
+        check_choice("teacher_score", self.teacher_score, SCORE_COLUMNS)
+        check_choice("first_stage", self.first_stage, FIRST_STAGE_CHOICES)
         if self.label_source == "threshold" and not self.neg_threshold < self.pos_threshold:
             raise ConfigError(
                 f"`neg_threshold` ({self.neg_threshold}) must be below `pos_threshold` "
@@ -151,7 +151,7 @@ class LabelConfig:
                 f"{self.hard_negative_max_rank}; it needs 1 <= hard_negative_min_rank <= "
                 "hard_negative_max_rank."
             )
-        _choice("hard_negative_format", self.hard_negative_format, HARD_NEGATIVE_FORMATS)
+        check_choice("hard_negative_format", self.hard_negative_format, HARD_NEGATIVE_FORMATS)
         if self.margin < 0:
             raise ConfigError(f"`margin` is {self.margin}; it must be >= 0.")
         if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
@@ -175,13 +175,7 @@ def mode_config_from_dict(
     cls: type[ModeConfig], data: Mapping[str, Any], source: str = "config"
 ) -> ModeConfig:
     """Build a mode config from a mapping; an unknown key is an error naming the closest one."""
-    valid = [f.name for f in fields(cls)]
-    aliases = {a: f.name for f in fields(cls) for a in f.metadata.get("aliases", ())}
-    normalized: dict[str, Any] = {}
-    for key, value in data.items():
-        name = known_key(aliases.get(key, key), valid, source)
-        normalized[name] = _coerce(cls, name, value, source)
-    return cls(**normalized)
+    return from_mapping(cls, data, source, _coerce)
 
 
 def add_mode_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -208,17 +202,14 @@ def mode_config_from_args(
     return mode_config_from_dict(cls, values, source=source)
 
 
-def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"`{key}` is {value!r}; choose one of {', '.join(allowed)}.")
-
-
 _NONE_WORDS = ("none", "null", "")
 
 
 def _coerce(cls: type, name: str, value: Any, source: str) -> Any:
-    """Accept YAML/flag spellings (``"10"``, ``"0.5"``, ``"none"``, ``"0.3,0.5"``)."""
-    kind = {f.name: str(f.type) for f in fields(cls)}[name]
+    """Accept YAML/flag spellings (``"10"``, ``"0.5"``, ``"none"``, ``"0.3,0.5"``): stricter
+    numbers than ``JobConfig``'s (a 2.5 for an integer is an error, not 2) and ``none`` for
+    an optional value."""
+    kind = field_kind(cls, name)
     optional = "None" in kind
     if value is None or (optional and isinstance(value, str) and value.lower() in _NONE_WORDS):
         if not optional:

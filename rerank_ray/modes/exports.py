@@ -1,5 +1,5 @@
-"""Training-data exports built from labeled rows (``labeling.label_queries`` output, or one
-block of whole queries of a run, in any order).
+"""Training-data exports built from labeled rows (``groups.labeling_group`` output: one
+block of whole queries of a run, or more, in any order).
 
 - FlagEmbedding fine-tuning JSONL, one line per query that has a positive and a hard
   negative: ``{"query", "pos", "neg", "pos_scores", "neg_scores"}``. Field names and types as

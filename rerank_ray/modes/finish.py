@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from rerank_ray import schema, storage
-from rerank_ray.config import ConfigError, JobConfig
+from rerank_ray.config import JobConfig
 from rerank_ray.modes import exports
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.labeling import LabelStats, label_stats
@@ -18,6 +18,7 @@ from rerank_ray.modes.ranking import nightly_stats
 from rerank_ray.modes.report import ScoreReport, histogram_png, score_report
 from rerank_ray.modes.stage import Export, ValueRange
 from rerank_ray.sink.location import make_dirs
+from rerank_ray.typed_config import ConfigError
 
 log = logging.getLogger("rerank_ray")
 

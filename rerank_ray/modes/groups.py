@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from rerank_ray import schema
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
-from rerank_ray.modes.labeling import LABEL_FIELDS, check_label_columns, label_ranked
+from rerank_ray.modes.labeling import MODE_FIELDS, check_label_columns, label_ranked
 from rerank_ray.modes.ranking import (
     RANK,
     RANK_FIELDS,
@@ -28,7 +28,6 @@ from rerank_ray.modes.ranking import (
 
 DUPLICATE_PAIR = schema.RejectReason.DUPLICATE_PAIR
 BELOW_TOP_K = schema.RejectReason.BELOW_TOP_K
-MODE_REJECT_REASONS = (DUPLICATE_PAIR, BELOW_TOP_K)
 
 
 def nightly_group(table: pa.Table, cfg: NightlyConfig) -> pa.Table:
@@ -55,11 +54,10 @@ def labeling_group(table: pa.Table, cfg: LabelConfig) -> pa.Table:
     scored, rejected = split_rejected(table)
     fs_column = resolve_first_stage(table.column_names, cfg.first_stage)
     ranked, duplicates = rank_scored(scored, fs_column)
-    fields = (*RANK_FIELDS, *LABEL_FIELDS)
     parts = [
         label_ranked(ranked, cfg),
-        _mark(with_null_columns(duplicates, fields), DUPLICATE_PAIR),
-        with_null_columns(rejected, fields),
+        _mark(with_null_columns(duplicates, MODE_FIELDS), DUPLICATE_PAIR),
+        with_null_columns(rejected, MODE_FIELDS),
     ]
     return _concat_checked(parts, table.num_rows)
 

@@ -25,19 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from rerank_ray import schema
-from rerank_ray.config import ConfigError
 from rerank_ray.modes.config import LabelConfig
 from rerank_ray.modes.ranking import (
     NUM_CANDIDATES,
     NUM_DUPLICATES,
     RANK,
     RANK_FIELDS,
+    Sums,
     query_groups,
-    rank_scored,
-    resolve_first_stage,
     split_rejected,
-    with_null_columns,
 )
+from rerank_ray.typed_config import ConfigError
 
 IS_POSITIVE = "is_positive"
 LABEL = "label"
@@ -46,15 +44,6 @@ POS = "pos"
 NEG = "neg"
 LABEL_FIELDS = (pa.field(LABEL, pa.string()), pa.field(HARD_NEGATIVE, pa.bool_()))
 MODE_FIELDS = (*RANK_FIELDS, *LABEL_FIELDS)
-
-
-def label_queries(table: pa.Table, cfg: LabelConfig) -> pa.Table:
-    """Rank and label every query; scored rows sorted by (query_id, rank), then the rejected
-    rows unchanged. Appends the ranking columns, ``label`` and ``hard_negative``."""
-    check_label_columns(table.column_names, cfg)
-    scored, rejected = split_rejected(table)
-    ranked = rank_scored(scored, resolve_first_stage(table.column_names, cfg.first_stage)).ranked
-    return pa.concat_tables([label_ranked(ranked, cfg), with_null_columns(rejected, MODE_FIELDS)])
 
 
 def check_label_columns(names: list[str], cfg: LabelConfig) -> None:
@@ -114,7 +103,7 @@ def _hard_negatives(
 
 
 @dataclass(frozen=True)
-class LabelStats:
+class LabelStats(Sums):
     """Partial sums over whole queries of labeled rows; add them up with ``+``."""
 
     queries: int = 0
@@ -131,20 +120,12 @@ class LabelStats:
     duplicates_dropped: int = 0
     rejected_rows: int = 0
 
-    def __add__(self, other: LabelStats) -> LabelStats:
-        return LabelStats(
-            **{
-                f.name: getattr(self, f.name) + getattr(other, f.name)
-                for f in dataclasses.fields(self)
-            }
-        )
-
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 
 
 def label_stats(labeled: pa.Table) -> LabelStats:
-    """Counts of ``label_queries`` output. ``queries_no_hard_negative`` counts queries with a
+    """Counts of ``labeling_group`` output. ``queries_no_hard_negative`` counts queries with a
     positive but no hard negative; ``exportable_queries`` those with both (the JSONL rows)."""
     scored, rejected = split_rejected(labeled)
     if scored.num_rows == 0:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +42,7 @@ RETRIEVAL_RANK = "retrieval_rank"
 RETRIEVAL_SCORE = "retrieval_score"
 
 _KEY = "__key"
+_S = TypeVar("_S", bound="Sums")
 
 
 def split_rejected(table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -67,22 +68,6 @@ def resolve_first_stage(names: list[str], choice: str) -> str | None:
             f"{', '.join(names)}); use first_stage auto or none."
         )
     return choice
-
-
-def rank_queries(table: pa.Table, first_stage: str = "auto") -> pa.Table:
-    """Rank every query's candidates; returns the de-duplicated scored rows sorted by
-    (query_id, rank) with the ``RANK_COLUMNS`` appended, then the rejected rows unchanged."""
-    scored, rejected = split_rejected(table)
-    ranked = rank_scored(scored, resolve_first_stage(table.column_names, first_stage)).ranked
-    return pa.concat_tables([ranked, with_null_columns(rejected, RANK_FIELDS)])
-
-
-def top_k(table: pa.Table, k: int | None) -> pa.Table:
-    """Rows ranked 1..k, and every rejected row (null ``rank``); all rows when k is None."""
-    if k is None:
-        return table
-    keep = pc.fill_null(pc.less_equal(table[RANK], k), True)
-    return table.filter(keep)
 
 
 def with_null_columns(table: pa.Table, new_fields: tuple[pa.Field, ...]) -> pa.Table:
@@ -162,9 +147,33 @@ def rank_scored(scored: pa.Table, first_stage_column: str | None) -> Ranked:
     return Ranked(ranked, scored.take(order[~head]))
 
 
+class Sums:
+    """Base of a frozen dataclass of partial sums over whole queries: ``+`` adds two field by
+    field (the blocks' partials, on the driver). The fields in ``PARAMETERS`` are not sums:
+    they must be equal and are kept."""
+
+    PARAMETERS: ClassVar[tuple[str, ...]] = ()
+
+    def __add__(self: _S, other: _S) -> _S:
+        for name in self.PARAMETERS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise ValueError(
+                    f"Cannot add {type(self).__name__} for {name}={mine} and {name}={theirs}."
+                )
+        sums = {
+            f.name: getattr(self, f.name) + getattr(other, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in self.PARAMETERS
+        }
+        return dataclasses.replace(self, **sums)
+
+
 @dataclass(frozen=True)
-class NightlyStats:
+class NightlyStats(Sums):
     """Partial sums over whole queries; add them up across groups with ``+``."""
+
+    PARAMETERS = ("k",)
 
     k: int
     queries: int = 0
@@ -177,16 +186,6 @@ class NightlyStats:
     overlap_at_k_sum: float = 0.0
     top1_changed: int = 0
 
-    def __add__(self, other: NightlyStats) -> NightlyStats:
-        if self.k != other.k:
-            raise ValueError(f"Cannot add NightlyStats for k={self.k} and k={other.k}.")
-        sums = {
-            f.name: getattr(self, f.name) + getattr(other, f.name)
-            for f in dataclasses.fields(self)
-            if f.name != "k"
-        }
-        return NightlyStats(k=self.k, **sums)
-
     def to_dict(self) -> dict[str, float | int | None]:
         """The sums plus the means a reader wants (None when no query could be compared)."""
         out: dict[str, float | int | None] = dataclasses.asdict(self)
@@ -197,7 +196,7 @@ class NightlyStats:
 
 
 def nightly_stats(ranked: pa.Table, k: int) -> NightlyStats:
-    """Statistics of ranked rows (``rank_queries`` output, before or after ``top_k(k' >= k)``).
+    """Statistics of ranked rows (``nightly_group`` output with any ``top_k >= k``, or none).
 
     The first-stage comparison covers queries with at least two candidates and a first-stage
     column: overlap@k = |reranked top-k ∩ first-stage top-k| / min(k, candidates), and whether

@@ -31,12 +31,14 @@ from rerank_ray.config import JobConfig
 from rerank_ray.modes import run as run_module
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.exports import FLAGEMBEDDING_KEYS, flagembedding_records
-from rerank_ray.modes.labeling import MODE_FIELDS, label_queries
-from rerank_ray.modes.ranking import nightly_stats, rank_queries, top_k
+from rerank_ray.modes.labeling import MODE_FIELDS
+from rerank_ray.modes.ranking import nightly_stats
 from rerank_ray.modes.run import run_labeling, run_nightly
 from rerank_ray.sink.location import list_files
 from tests.conftest import make_pairs, upload_table
 from tests.integration.test_multinode import assert_exactly_once, write_shards
+from tests.unit.test_modes_labeling import labeled_rows
+from tests.unit.test_modes_ranking import nightly_rows
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +95,7 @@ def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, t
     report = run_nightly(cfg, mode)
 
     out = read(cfg)
-    expected = top_k(rank_queries(scored_reference), 3)
+    expected = nightly_rows(scored_reference, k=3)
     key = ["query_id", "rank"]
     got = out.drop_columns(["run_date"]).sort_by([(k, "ascending") for k in key])
     want = expected.select(got.column_names).sort_by([(k, "ascending") for k in key])
@@ -132,7 +134,7 @@ def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, t
     ]
     assert max(shards_per_file) > 1, shards_per_file
 
-    want_stats = nightly_stats(rank_queries(scored_reference), 3).to_dict()
+    want_stats = nightly_stats(nightly_rows(scored_reference), 3).to_dict()
     for name in ("queries", "candidates", "compared_queries", "top1_changed"):
         assert report["stats"][name] == want_stats[name]
     assert report["stats"]["mean_overlap_at_3"] == pytest.approx(want_stats["mean_overlap_at_3"])
@@ -170,7 +172,7 @@ def test_labeling_exports(scored_reference, bucket, tiny_model_dir, tmp_path):
     for name in ("flagembedding_jsonl", "hard_negatives_parquet", "distillation_parquet"):
         assert set(exports[name]["files"]) <= set(manifest["files"])
     records = read_jsonl_shards(cfg, fe_files)
-    expected = list(flagembedding_records(label_queries(scored_reference, mode), mode))
+    expected = list(flagembedding_records(labeled_rows(scored_reference, mode), mode))
     assert len(records) == len(expected) == report["stats"]["exportable_queries"] > 0
     assert len(records) == exports["flagembedding_jsonl"]["rows"]
     by_query = {r["query"]: r for r in records}
@@ -240,7 +242,7 @@ def labeled_reference(out: Path, mode: LabelConfig) -> list[dict]:
     """FlagEmbedding records computed from the committed scored rows (mode columns dropped)."""
     committed = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
     plain = committed.drop_columns([*(f.name for f in MODE_FIELDS), "run_date"])
-    return list(flagembedding_records(label_queries(plain, mode), mode))
+    return list(flagembedding_records(labeled_rows(plain, mode), mode))
 
 
 def committed_records(out: Path) -> list[dict]:

@@ -29,9 +29,10 @@ from rerank_ray.modes.exports import (
     write_jsonl,
     write_parquet,
 )
-from rerank_ray.modes.labeling import MODE_FIELDS, label_queries, label_stats
-from rerank_ray.modes.ranking import rank_queries
+from rerank_ray.modes.groups import DUPLICATE_PAIR, labeling_group
+from rerank_ray.modes.labeling import MODE_FIELDS, label_stats
 from rerank_ray.modes.report import histogram_png, score_report
+from tests.unit.test_modes_ranking import nightly_rows, without_marked
 
 CFG = LabelConfig(
     pos_threshold=0.8,
@@ -81,9 +82,15 @@ def make_table(seed: int, queries: int = 40) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+def labeled_rows(table: pa.Table, cfg: LabelConfig) -> pa.Table:
+    """What the labeling mode keeps of ``table`` (production ``labeling_group``): each query's
+    de-duplicated candidates ranked and labeled, then the rejected rows."""
+    return without_marked(labeling_group(table, cfg))
+
+
 def reference_labels(table: pa.Table, cfg: LabelConfig) -> dict[tuple, tuple]:
     """(query_id, doc_id) -> (label, hard_negative), read off the contract per query."""
-    ranked = rank_queries(table).to_pylist()
+    ranked = nightly_rows(table).to_pylist()
     by_query: dict = {}
     for row in ranked:
         if row["reject_reason"] is None:
@@ -155,7 +162,7 @@ def scored_rows(labeled: pa.Table) -> list[dict]:
 )
 def test_labels_and_hard_negatives_match_the_contract(seed, cfg):
     table = make_table(seed)
-    labeled = label_queries(table, cfg)
+    labeled = labeled_rows(table, cfg)
     expected = reference_labels(table, cfg)
     got = {
         (r["query_id"], r["doc_id"]): (r["label"], r["hard_negative"]) for r in scored_rows(labeled)
@@ -166,7 +173,7 @@ def test_labels_and_hard_negatives_match_the_contract(seed, cfg):
 
 def test_rejected_rows_are_never_labeled():
     table = make_table(4)
-    labeled = label_queries(table, CFG)
+    labeled = labeled_rows(table, CFG)
     rejected = labeled.filter(labeled["reject_reason"].is_valid())
     assert rejected.num_rows == table.filter(table["reject_reason"].is_valid()).num_rows > 0
     for f in MODE_FIELDS:
@@ -193,30 +200,30 @@ def test_float32_score_at_the_threshold_counts_as_positive():
         )
     )
     cfg = LabelConfig(pos_threshold=0.7, neg_threshold=0.3, hard_negative_min_rank=1)
-    assert label_queries(table, cfg)["label"].to_pylist() == ["pos", "neg"]
+    assert labeled_rows(table, cfg)["label"].to_pylist() == ["pos", "neg"]
 
 
 def test_given_labels_need_a_boolean_is_positive_column():
     table = make_table(0)
     cfg = LabelConfig(label_source="given")
     with pytest.raises(ValueError, match="no `is_positive` column"):
-        label_queries(table.drop_columns(["is_positive"]), cfg)
+        labeled_rows(table.drop_columns(["is_positive"]), cfg)
     as_int = table.set_column(
         table.schema.get_field_index("is_positive"),
         "is_positive",
         pa.array([int(v) if v is not None else None for v in table["is_positive"].to_pylist()]),
     )
-    assert label_queries(as_int, cfg)["label"].equals(label_queries(table, cfg)["label"])
+    assert labeled_rows(as_int, cfg)["label"].equals(labeled_rows(table, cfg)["label"])
     as_text = table.set_column(
         table.schema.get_field_index("is_positive"), "is_positive", table["query"]
     )
     with pytest.raises(ValueError, match="must be boolean"):
-        label_queries(as_text, cfg)
+        labeled_rows(as_text, cfg)
 
 
 def test_counts_match_pandas_and_partial_counts_add_up():
     table = make_table(9, queries=60)
-    labeled = label_queries(table, CFG)
+    labeled = labeled_rows(table, CFG)
     frame = labeled.to_pandas()
     scored = frame[frame["reject_reason"].isna()]
     per_q = scored.groupby("query_id").agg(
@@ -267,7 +274,7 @@ def emulate_flagembedding_getitem(data: dict, train_group_size: int, rng: random
 
 def test_flagembedding_jsonl_has_the_loader_fields_and_the_labeled_content(tmp_path):
     table = make_table(3, queries=60)
-    labeled = label_queries(table, CFG)
+    labeled = labeled_rows(table, CFG)
     path = tmp_path / "train.jsonl"
     count = write_jsonl(flagembedding_records(labeled, CFG), str(path))
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -301,7 +308,7 @@ def test_flagembedding_jsonl_has_the_loader_fields_and_the_labeled_content(tmp_p
 
 
 def test_exports_do_not_depend_on_row_order_and_cap_positives(tmp_path):
-    labeled = label_queries(make_table(5), CFG)
+    labeled = labeled_rows(make_table(5), CFG)
     shuffled = labeled.take(np.random.default_rng(0).permutation(labeled.num_rows))
     assert list(flagembedding_records(shuffled, CFG)) == list(flagembedding_records(labeled, CFG))
     one = LabelConfig(**{**CFG.__dict__, "max_positives": 1})
@@ -312,7 +319,7 @@ def test_exports_do_not_depend_on_row_order_and_cap_positives(tmp_path):
 
 
 def test_sentence_transformers_parquet_triplets_and_distillation(tmp_path):
-    labeled = label_queries(make_table(6, queries=50), CFG)
+    labeled = labeled_rows(make_table(6, queries=50), CFG)
     triplets = hard_negative_rows(labeled, CFG)
     distill = sentence_transformers_distillation(labeled, CFG)
     write_parquet(triplets, str(tmp_path / "triplets.parquet"))
@@ -346,7 +353,7 @@ def test_sentence_transformers_parquet_triplets_and_distillation(tmp_path):
 
 def test_score_report_counts_match_pandas_and_partials_add_up():
     table = make_table(8, queries=50)
-    labeled = label_queries(table, CFG)
+    labeled = labeled_rows(table, CFG)
     report = score_report(labeled, CFG)
     frame = labeled.to_pandas()
     scored = frame[frame["reject_reason"].isna()]
@@ -378,7 +385,7 @@ def test_score_report_counts_match_pandas_and_partials_add_up():
 
 
 def test_histogram_png_is_a_readable_image(tmp_path):
-    labeled = label_queries(make_table(2), CFG)
+    labeled = labeled_rows(make_table(2), CFG)
     png = histogram_png(score_report(labeled, CFG), CFG)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     path = tmp_path / "hist.png"
@@ -388,26 +395,25 @@ def test_histogram_png_is_a_readable_image(tmp_path):
 
 
 def test_labeling_group_emits_every_row_once_marking_duplicates():
-    from rerank_ray.modes.groups import DUPLICATE_PAIR, labeling_group
-
     table = make_table(13).drop_columns(["reject_reason"])  # the column is optional here
     out = labeling_group(table, CFG)
     assert out.num_rows == table.num_rows
-    labeled = label_queries(table, CFG)
+    distinct = table.to_pandas().drop_duplicates(["query_id", "doc_id"])
     duplicates = out.filter(pa.compute.equal(out["reject_reason"], DUPLICATE_PAIR))
-    assert duplicates.num_rows == table.num_rows - labeled.num_rows > 0
+    assert duplicates.num_rows == table.num_rows - len(distinct) > 0
     assert duplicates["label"].null_count == duplicates.num_rows
-    kept = out.filter(pa.compute.is_null(out["reject_reason"])).drop_columns(["reject_reason"])
-    assert kept.to_pylist() == labeled.to_pylist()
+    kept = out.filter(pa.compute.is_null(out["reject_reason"]))
+    got = {(r["query_id"], r["doc_id"]): (r["label"], r["hard_negative"]) for r in kept.to_pylist()}
+    assert got == reference_labels(table, CFG)
 
 
 def test_relative_margin_and_max_score_leave_out_negatives_close_to_the_positive():
     table = make_table(9, queries=60)
     plain = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
-    hard = label_stats(label_queries(table, plain)).hard_negatives
+    hard = label_stats(labeled_rows(table, plain)).hard_negatives
     for extra in ({"relative_margin": 0.2}, {"max_score": 0.2}):
         filtered = LabelConfig(**{**plain.__dict__, **extra})
-        assert 0 < label_stats(label_queries(table, filtered)).hard_negatives < hard, extra
+        assert 0 < label_stats(labeled_rows(table, filtered)).hard_negatives < hard, extra
 
 
 def expected_hard_negative_rows(records: list[dict], cfg: LabelConfig) -> list[dict]:
@@ -443,7 +449,7 @@ def test_hard_negative_formats_load_with_datasets_as_sentence_transformers_write
     from datasets import load_dataset
 
     cfg = LabelConfig(**{**CFG.__dict__, "hard_negative_format": fmt, "max_hard_negatives": 2})
-    labeled = label_queries(make_table(11, queries=80), cfg)
+    labeled = labeled_rows(make_table(11, queries=80), cfg)
     rows = hard_negative_rows(labeled, cfg)
     assert rows.schema.equals(hard_negative_schema(cfg))
     records = list(flagembedding_records(labeled, cfg))

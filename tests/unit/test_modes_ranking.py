@@ -12,8 +12,11 @@ from collections import defaultdict
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
+from rerank_ray.modes.config import NightlyConfig
+from rerank_ray.modes.groups import BELOW_TOP_K, DUPLICATE_PAIR, nightly_group
 from rerank_ray.modes.ranking import (
     FIRST_STAGE_RANK,
     NUM_CANDIDATES,
@@ -22,8 +25,6 @@ from rerank_ray.modes.ranking import (
     RANK_COLUMNS,
     NightlyStats,
     nightly_stats,
-    rank_queries,
-    top_k,
 )
 
 PAIR_SCHEMA = pa.schema(
@@ -76,6 +77,19 @@ def table_of(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
 
 
+def without_marked(rows: pa.Table) -> pa.Table:
+    """A mode's rows less those it marks (duplicate copies, below top-k): the ranked rows, then
+    the rows rejected before the mode, unchanged."""
+    marked = pc.is_in(rows["reject_reason"], pa.array([DUPLICATE_PAIR, BELOW_TOP_K]))
+    return rows.filter(pc.invert(marked))
+
+
+def nightly_rows(table: pa.Table, first_stage: str = "auto", k: int | None = None) -> pa.Table:
+    """What the nightly mode keeps of ``table`` (production ``nightly_group``): each query's
+    de-duplicated candidates ranked (the best ``k``; all when None), then the rejected rows."""
+    return without_marked(nightly_group(table, NightlyConfig(top_k=k, first_stage=first_stage)))
+
+
 def _score_key(row: dict) -> float:
     s = row["score"]
     return -math.inf if s is None or math.isnan(s) else s
@@ -124,7 +138,7 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("first_stage", ["retrieval_rank", "retrieval_score", "none"])
 def test_rank_matches_the_contract(seed, first_stage):
     rows = make_rows(seed)
-    out = rank_queries(table_of(rows), first_stage=first_stage).to_pylist()
+    out = nightly_rows(table_of(rows), first_stage=first_stage).to_pylist()
     expected = reference_ranking(rows, None if first_stage == "none" else first_stage)
 
     scored = [r for r in out if r["reject_reason"] is None]
@@ -140,7 +154,7 @@ def test_rank_matches_the_contract(seed, first_stage):
 
 def test_rejected_rows_pass_through_unchanged_and_unranked():
     rows = table_of(make_rows(5)).to_pylist()  # values as Arrow holds them (float32)
-    out = rank_queries(table_of(rows))
+    out = nightly_rows(table_of(rows))
     rejected_in = [r for r in rows if r["reject_reason"] is not None]
     rejected_out = [r for r in out.to_pylist() if r["reject_reason"] is not None]
     assert len(rejected_out) == len(rejected_in) > 1
@@ -155,7 +169,7 @@ def test_ties_are_broken_by_doc_id_and_nan_ranks_last():
         {"query_id": "q", "query": "q", "doc_id": d, "doc": d, "score": s}
         for d, s in [("c", 1.0), ("a", 1.0), ("b", float("nan")), ("d", 2.0), ("e", -9.0)]
     ]
-    out = rank_queries(pa.Table.from_pylist(rows)).to_pylist()
+    out = nightly_rows(pa.Table.from_pylist(rows)).to_pylist()
     assert [(r["doc_id"], r[RANK]) for r in out] == [
         ("d", 1),
         ("a", 2),
@@ -172,7 +186,7 @@ def test_duplicates_are_kept_once_the_best_copy_and_counted():
         {"query_id": "q", "query": "q", "doc_id": "x", "doc": "new", "score": 0.9},
         {"query_id": "q", "query": "q", "doc_id": "y", "doc": "y", "score": 0.5},
     ]
-    out = rank_queries(pa.Table.from_pylist(rows)).to_pylist()
+    out = nightly_rows(pa.Table.from_pylist(rows)).to_pylist()
     assert [(r["doc_id"], r["doc"], r[RANK], r[NUM_DUPLICATES]) for r in out] == [
         ("x", "new", 1, 2),
         ("y", "y", 2, 2),
@@ -181,7 +195,7 @@ def test_duplicates_are_kept_once_the_best_copy_and_counted():
 
 def test_single_candidate_query_is_rank_one_and_counted():
     rows = [{"query_id": "solo", "query": "q", "doc_id": "x", "doc": "x", "score": -3.0}]
-    out = rank_queries(pa.Table.from_pylist(rows))
+    out = nightly_rows(pa.Table.from_pylist(rows))
     assert out.select([RANK, NUM_CANDIDATES]).to_pylist() == [{RANK: 1, NUM_CANDIDATES: 1}]
     stats = nightly_stats(out, k=5)
     assert stats.single_candidate_queries == 1
@@ -190,12 +204,12 @@ def test_single_candidate_query_is_rank_one_and_counted():
 
 def test_shard_split_and_order_do_not_change_the_result():
     rows = make_rows(7)
-    whole = rank_queries(table_of(rows)).to_pylist()
+    whole = nightly_rows(table_of(rows)).to_pylist()
     shuffled = rows[:]
     random.Random(1).shuffle(shuffled)
     half = len(shuffled) // 2
     shards = pa.concat_tables([table_of(shuffled[half:]), table_of(shuffled[:half])])
-    again = rank_queries(shards).to_pylist()
+    again = nightly_rows(shards).to_pylist()
 
     def key(r):
         return (r["reject_reason"] is not None, str(r["query_id"]), str(r["doc_id"]), r["doc"])
@@ -207,8 +221,8 @@ def test_shard_split_and_order_do_not_change_the_result():
 
 def test_top_k_keeps_each_querys_best_k_and_every_rejected_row():
     rows = make_rows(3)
-    ranked = rank_queries(table_of(rows))
-    kept = top_k(ranked, 2).to_pandas()
+    ranked = nightly_rows(table_of(rows))
+    kept = nightly_rows(table_of(rows), k=2).to_pandas()
     frame = ranked.to_pandas()
     scored = frame[frame["reject_reason"].isna()]
     expected = scored.groupby("query_id").apply(lambda g: min(len(g), 2), include_groups=False)
@@ -216,7 +230,8 @@ def test_top_k_keeps_each_querys_best_k_and_every_rejected_row():
     pd.testing.assert_series_equal(got.sort_index(), expected.sort_index(), check_names=False)
     assert (kept.loc[kept["reject_reason"].isna(), RANK] <= 2).all()
     assert kept["reject_reason"].notna().sum() == frame["reject_reason"].notna().sum()
-    assert top_k(ranked, None).num_rows == ranked.num_rows
+    everything = nightly_group(table_of(rows), NightlyConfig(top_k=None))
+    assert BELOW_TOP_K not in everything["reject_reason"].to_pylist()
 
 
 def pandas_first_stage_stats(rows: list[dict], k: int) -> dict:
@@ -250,11 +265,11 @@ def pandas_first_stage_stats(rows: list[dict], k: int) -> dict:
 def test_first_stage_stats_match_pandas_before_and_after_top_k_and_add_up(seed):
     rows = make_rows(seed, queries=40)
     k = 3
-    ranked = rank_queries(table_of(rows), first_stage="retrieval_rank")
+    ranked = nightly_rows(table_of(rows), first_stage="retrieval_rank")
     want = pandas_first_stage_stats(rows, k)
 
     full = nightly_stats(ranked, k)
-    from_output = nightly_stats(top_k(ranked, k), k)
+    from_output = nightly_stats(nightly_rows(table_of(rows), "retrieval_rank", k), k)
     d = from_output.to_dict()
     assert d["compared_queries"] == want["compared"]
     assert d[f"mean_overlap_at_{k}"] == pytest.approx(want["mean_overlap"])
@@ -276,7 +291,7 @@ def test_first_stage_stats_match_pandas_before_and_after_top_k_and_add_up(seed):
 
 def test_stats_without_first_stage_column_compare_nothing():
     rows = [r | {"retrieval_rank": None} for r in make_rows(2)]
-    ranked = rank_queries(table_of(rows).drop_columns(["retrieval_rank", "retrieval_score"]))
+    ranked = nightly_rows(table_of(rows).drop_columns(["retrieval_rank", "retrieval_score"]))
     d = nightly_stats(ranked, 5).to_dict()
     assert d["compared_queries"] == 0
     assert d["mean_overlap_at_5"] is None and d["top1_changed_share"] is None
@@ -287,18 +302,15 @@ def test_stats_without_first_stage_column_compare_nothing():
 def test_clear_errors_for_clashing_or_missing_columns():
     rows = make_rows(1)
     with pytest.raises(ValueError, match="no `retrieval_score` column"):
-        rank_queries(table_of(rows).drop_columns(["retrieval_score"]), "retrieval_score")
+        nightly_rows(table_of(rows).drop_columns(["retrieval_score"]), "retrieval_score")
     clashing = table_of(rows).append_column("rank", pa.array([1] * len(rows)))
     with pytest.raises(ValueError, match=r"already has column\(s\) \['rank'\]"):
-        rank_queries(clashing)
+        nightly_rows(clashing)
     with pytest.raises(ValueError, match="needs the `score` column"):
-        rank_queries(table_of(rows).drop_columns(["score"]))
+        nightly_rows(table_of(rows).drop_columns(["score"]))
 
 
 def test_nightly_group_emits_every_row_once_marking_what_it_leaves_out():
-    from rerank_ray.modes.config import NightlyConfig
-    from rerank_ray.modes.groups import BELOW_TOP_K, DUPLICATE_PAIR, nightly_group
-
     rows = make_rows(12)
     table = table_of(rows)
     out = nightly_group(table, NightlyConfig(top_k=2))
@@ -314,10 +326,8 @@ def test_nightly_group_emits_every_row_once_marking_what_it_leaves_out():
     assert reasons["empty_doc"] + reasons["null_id"] == frame["reject_reason"].notna().sum()
 
     kept = out.filter(pa.compute.is_null(out["reject_reason"]))
-    expected = top_k(rank_queries(table), 2)
-    pd.testing.assert_frame_equal(
-        kept.to_pandas(),
-        expected.filter(pa.compute.is_null(expected["reject_reason"])).to_pandas(),
-    )
+    ranked = nightly_rows(table)  # no top-k: every candidate ranked
+    expected = ranked.filter(pc.less_equal(ranked[RANK], 2))
+    pd.testing.assert_frame_equal(kept.to_pandas(), expected.to_pandas())
     below = out.filter(pa.compute.equal(out["reject_reason"], BELOW_TOP_K))
     assert pa.compute.min(below[RANK]).as_py() == 3

@@ -16,14 +16,15 @@ import pytest
 
 from rerank_ray.modes.config import LabelConfig, NightlyConfig
 from rerank_ray.modes.exports import flagembedding_records, hard_negative_rows
-from rerank_ray.modes.labeling import label_queries, label_stats
-from rerank_ray.modes.ranking import nightly_stats, rank_queries, top_k
+from rerank_ray.modes.labeling import label_stats
+from rerank_ray.modes.ranking import nightly_stats
+from rerank_ray.modes.registry import LABELING, NIGHTLY
 from rerank_ray.modes.report import score_report
-from rerank_ray.modes.run import LABELING, NIGHTLY
 from rerank_ray.modes.stage import RESULT_COLUMN, ValueRange, merge_partials, process_block
 from rerank_ray.sink import OutputLocation, RerankSink
 from rerank_ray.storage import S3Settings
-from tests.unit.test_modes_labeling import make_table
+from tests.unit.test_modes_labeling import labeled_rows, make_table
+from tests.unit.test_modes_ranking import nightly_rows
 
 
 def blocks_of_whole_queries(table: pa.Table, parts: int, seed: int) -> list[pa.Table]:
@@ -65,7 +66,7 @@ def test_labeling_blocks_add_up_to_the_whole_run(tmp_path):
     cfg = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
     scored, results = run_blocks(LABELING, cfg, make_table(21, queries=90), tmp_path)
     merged = merge_partials(results)
-    whole = label_queries(scored, cfg)
+    whole = labeled_rows(scored, cfg)
     # In a block, the duplicate copies the mode marks are its rejected rows (the run's
     # report takes rejected_rows from the manifest, which adds the scoring's rejects).
     duplicates = merged["stats"].duplicates_dropped
@@ -99,7 +100,7 @@ def test_raw_score_report_shares_the_run_wide_bins(tmp_path):
     _, results = run_blocks(LABELING, cfg, table, tmp_path, value_range)
     merged = merge_partials(results)["score_report"]
     whole = score_report(
-        label_queries(scored.drop_columns(["reject_reason"]), cfg), cfg, value_range
+        labeled_rows(scored.drop_columns(["reject_reason"]), cfg), cfg, value_range
     )
     assert merged.to_dict() == whole.to_dict()
 
@@ -108,7 +109,7 @@ def test_nightly_blocks_add_up_to_the_whole_run(tmp_path):
     cfg = NightlyConfig(top_k=3)
     scored, results = run_blocks(NIGHTLY, cfg, make_table(23, queries=80), tmp_path)
     merged = merge_partials(results)["stats"]
-    want = nightly_stats(top_k(rank_queries(scored), 3), 3)
+    want = nightly_stats(nightly_rows(scored, k=3), 3)
     for name in ("queries", "candidates", "duplicates_dropped", "rows_kept", "compared_queries"):
         assert getattr(merged, name) == getattr(want, name), name
     assert merged.overlap_at_k_sum == pytest.approx(want.overlap_at_k_sum)
