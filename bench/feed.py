@@ -87,9 +87,13 @@ def write_input(folder: Path, words: list[str], pairs: int) -> int:
     return sum(b.num_rows for b in blocks)
 
 
-def run_job(model_dir: Path, input_dir: Path, out_dir: Path, flags: list[str]) -> dict:
-    """One ``rerank-ray run`` in its own process: wall time and the manifest's figures."""
+def run_job(
+    model_dir: Path, input_dir: Path, out_dir: Path, flags: list[str], env_vars: dict
+) -> dict:
+    """One ``rerank-ray run`` in its own process (``env_vars`` added to its environment):
+    wall time and the manifest's figures."""
     env = {
+        **env_vars,
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
@@ -108,6 +112,7 @@ def run_job(model_dir: Path, input_dir: Path, out_dir: Path, flags: list[str]) -
     scored = manifest.get("rows_scored")
     return {
         "flags": flags,
+        "env": env_vars,
         "rows_read": manifest.get("rows_read"),
         "rows_scored": scored,
         "wall_s": round(wall, 1),
@@ -122,6 +127,8 @@ def run_job(model_dir: Path, input_dir: Path, out_dir: Path, flags: list[str]) -
         "tokens_per_pair": round(score["tokens"] / score["pairs"], 1)
         if score.get("pairs")
         else None,
+        "startup_s": metrics.get("startup_s"),
+        "score_actor_setup_s": [a.get("setup_seconds") for a in scorers],
         "summary_line": proc.stdout.strip().splitlines()[-1:]
         or proc.stderr.strip().splitlines()[-1:],
     }
@@ -155,7 +162,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rerank-feed"))
     parser.add_argument(
-        "--jobs", default=DEFAULT_JOBS, help="model:flags,... (flags: a=b -> --a b)"
+        "--jobs",
+        default=DEFAULT_JOBS,
+        help="model:words,...; words: default, or --flag=value and NAME=value (environment)",
     )
     parser.add_argument("--pairs", default="minilm=600000,bge-m3=400000")
     parser.add_argument("--flag-pairs", default="minilm=20000,bge-m3=4000")
@@ -180,12 +189,14 @@ def main() -> None:
         entry = report["models"].setdefault(name, {"pairs": rows, "jobs": []})
         entry["setup_s"] = round(time.perf_counter() - t0, 1)
         for k, (_, spec) in enumerate(j for j in jobs if j[0] == name):
-            flags = [] if spec == "default" else [
-                part for f in spec.split() for part in f.replace("=", " ", 1).split(" ")
-            ]  # fmt: skip
+            words = [] if spec == "default" else spec.split()
+            env_vars = dict(w.split("=", 1) for w in words if not w.startswith("--"))
+            flags = [p for w in words if w.startswith("--") for p in w.split("=", 1)]
             out_dir = args.work / name / f"out{k}"
             shutil.rmtree(out_dir, ignore_errors=True)
-            entry["jobs"].append(run_job(model_dir, args.work / name / "input", out_dir, flags))
+            entry["jobs"].append(
+                run_job(model_dir, args.work / name / "input", out_dir, flags, env_vars)
+            )
             print(name, json.dumps(entry["jobs"][-1]), flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "feed.json").write_text(json.dumps(report, indent=1) + "\n")
