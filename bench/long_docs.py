@@ -40,35 +40,25 @@ from bench.workload import (  # noqa: E402
     save_synthetic_tokenizer,
 )
 from rerank_ray.pairs import Chunking, window_spans  # noqa: E402
+from rerank_ray.tiny_model import BGE_M3_SHAPE, random_classifier, xlmr_config  # noqa: E402
 
 POSITIONS = 8192
-MODEL = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    max_position_embeddings=POSITIONS + 2,  # XLM-R numbers positions from pad_token_id + 1
-    type_vocab_size=1,
-    pad_token_id=1,
-    bos_token_id=0,
-    eos_token_id=2,
-    layer_norm_eps=1e-5,
-    num_labels=1,
-)
-TINY = {**MODEL, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-TINY["intermediate_size"] = 64
 
 
 def save_model(path: str, tiny: bool, device: str) -> None:
-    """Random-weight XLM-R cross-encoder and the synthetic tokenizer under ``path``."""
+    """Random-weight XLM-R cross-encoder (bge-reranker-v2-m3's shape, or 2x32 with ``tiny``)
+    of the synthetic vocabulary and ``POSITIONS`` positions, and that tokenizer, under
+    ``path``."""
     import torch
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-    torch.manual_seed(0)
+    shape = {
+        **({} if tiny else BGE_M3_SHAPE),
+        "vocab_size": VOCAB_SIZE,
+        "max_position_embeddings": POSITIONS + 2,  # XLM-R numbers positions from pad_token_id + 1
+    }
     with torch.device(device):
-        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**(TINY if tiny else MODEL)))
-    model = model.to(torch.float32 if device == "cpu" else torch.float16).eval()
+        model = random_classifier(xlmr_config(**shape))
+    model = model.to(torch.float32 if device == "cpu" else torch.float16)
     model.save_pretrained(path)
     save_synthetic_tokenizer(path)
 

@@ -5,54 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    XLMRobertaForSequenceClassification,
-)
 
 from rerank_ray.runners.packed import PackedEncoder
-from rerank_ray.tiny_model import xlmr_config
+from rerank_ray.tiny_model import bert_config, random_classifier, xlmr_config
 
 VOCAB = 97
 
 
-def _xlmr(hidden: int = 32) -> torch.nn.Module:
-    """Tiny XLM-R, 4 heads (head size hidden / 4; the Triton attention needs >= 16)."""
-    torch.manual_seed(0)
-    cfg = xlmr_config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=66,
-    )
-    return XLMRobertaForSequenceClassification(cfg).eval()
-
-
-def _bert() -> torch.nn.Module:
-    torch.manual_seed(1)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        num_labels=1,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def xlmr() -> torch.nn.Module:
-    return _xlmr()
+    """Tiny XLM-R with 4 heads."""
+    cfg = xlmr_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=66)
+    return random_classifier(cfg, seed=0)
 
 
 @pytest.fixture(scope="module")
 def bert() -> torch.nn.Module:
-    return _bert()
+    cfg = bert_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=64)
+    return random_classifier(cfg, seed=1)
 
 
 def _batch(lengths, seed=0, with_types=False, pad_id=1):
