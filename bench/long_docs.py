@@ -36,7 +36,7 @@ from bench.workload import (  # noqa: E402
     SPECIAL_TOKENS_PER_PAIR,
     VOCAB_SIZE,
     Workload,
-    make_long_workload,
+    make_workload,
     save_synthetic_tokenizer,
 )
 from rerank_ray.pairs import Chunking, window_spans  # noqa: E402
@@ -74,27 +74,6 @@ def scored_tokens(work: Workload, pairs: int, mode: str, max_length: int, chunki
         return int((SPECIAL_TOKENS_PER_PAIR + q_keep + np.minimum(d_len, room)).sum())
     _, lengths, count, _ = window_spans(d_len, room, chunking)
     return int(lengths.sum() + ((SPECIAL_TOKENS_PER_PAIR + q_keep) * count).sum())
-
-
-def write_parquet(work: Workload, folder: Path, pairs: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True, exist_ok=True)
-    texts = work.texts(pairs)
-    shard = 2_000
-    for k, s0 in enumerate(range(0, len(texts), shard)):
-        part = texts[s0 : s0 + shard]
-        rows = range(s0, s0 + len(part))
-        table = pa.table(
-            {
-                "query_id": [f"q{work.query_of_pair[i]}" for i in rows],
-                "query": [q for q, _ in part],
-                "doc_id": [f"d{i}" for i in rows],
-                "doc": [d for _, d in part],
-            }
-        )
-        pq.write_table(table, folder / f"pairs-{k:04d}.parquet")
 
 
 def run_variant(args, root: Path, model_dir: str, mode: str, max_length: int) -> dict:
@@ -179,14 +158,14 @@ def main(argv=None) -> None:
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     args.gpus = args.gpus or max(1, torch.cuda.device_count())
     low, high = (int(x) for x in args.doc_tokens.split(","))
-    args.work = make_long_workload(args.pairs, doc_tokens=(low, high))
+    args.work = make_workload(args.pairs, doc_tokens=(low, high))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="long-docs-"))
     model_dir = str(root / "model")
     save_model(model_dir, args.tiny, args.device)
-    write_parquet(args.work, root / "small", args.small_pairs)
-    write_parquet(args.work, root / "large", args.pairs)
+    args.work.write_parquet(root / "small", args.small_pairs, shard_rows=2_000)
+    args.work.write_parquet(root / "large", args.pairs, shard_rows=2_000)
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -201,7 +180,7 @@ def main(argv=None) -> None:
         "workload": {
             "pairs": args.pairs,
             "doc_words": [low, high],
-            "distribution": "bench/workload.py make_long_workload: query U[6,20] words, doc "
+            "distribution": "bench/workload.py make_workload(doc_tokens=...): query U[6,20] words, doc "
             "uniform words, one token per word, 4 special tokens per pair",
             "chunk_overlap": args.chunk_overlap,
             "max_chunks_per_doc": args.max_chunks,
