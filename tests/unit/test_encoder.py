@@ -12,17 +12,31 @@ from rerank_ray.tiny_model import bert_config, random_classifier, xlmr_config
 VOCAB = 97
 
 
+def _xlmr(hidden: int = 32) -> torch.nn.Module:
+    """Tiny XLM-R, 4 heads (head size hidden / 4; the Triton attention needs >= 16)."""
+    cfg = xlmr_config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=66,
+    )
+    return random_classifier(cfg, seed=0)
+
+
+def _bert() -> torch.nn.Module:
+    cfg = bert_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=64)
+    return random_classifier(cfg, seed=1)
+
+
 @pytest.fixture(scope="module")
 def xlmr() -> torch.nn.Module:
-    """Tiny XLM-R with 4 heads."""
-    cfg = xlmr_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=66)
-    return random_classifier(cfg, seed=0)
+    return _xlmr()
 
 
 @pytest.fixture(scope="module")
 def bert() -> torch.nn.Module:
-    cfg = bert_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=64)
-    return random_classifier(cfg, seed=1)
+    return _bert()
 
 
 def _batch(lengths, seed=0, with_types=False, pad_id=1):
