@@ -36,8 +36,12 @@ GIB = 1024**3
 MIB = 1024**2
 
 
-def write_shards(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
-    """``rows`` pairs with unique (query_id, doc_id), 10 docs per query, 1-8 sentences a doc."""
+def write_shards(
+    directory: Path, rows: int, shards: int, seed: int = 0, positives: bool = False
+) -> None:
+    """``rows`` pairs with unique (query_id, doc_id), 10 docs per query, 1-8 sentences a doc;
+    with ``positives``, an ``is_positive`` column marking each query's first doc (so the
+    labeling mode's exports have content with any model)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     per_shard = -(-rows // shards)
@@ -54,6 +58,8 @@ def write_shards(directory: Path, rows: int, shards: int, seed: int = 0) -> None
                 "retrieval_rank": [i % 10 + 1 for i in ids],
             }
         )
+        if positives:
+            table = table.append_column("is_positive", pa.array([i % 10 == 0 for i in ids]))
         pq.write_table(table, directory / f"part-{s:04d}.parquet")
 
 

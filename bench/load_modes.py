@@ -16,7 +16,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -26,33 +25,6 @@ from pathlib import Path
 
 MIB = 1024**2
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_shards(directory: Path, rows: int, shards: int, seed: int = 0) -> None:
-    """``rows`` pairs, 10 docs per query, docs of 1-8 sentences (as ``load_cpu.py``), one
-    given positive per query so the exports have content with any model."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from rerank_ray.tiny_model import SAMPLE_TEXTS
-
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    per_shard = -(-rows // shards)
-    for s in range(shards):
-        ids = range(s * per_shard, min(rows, (s + 1) * per_shard))
-        queries = [i // 10 for i in ids]
-        table = pa.table(
-            {
-                "query_id": [f"q{q}" for q in queries],
-                "query": [SAMPLE_TEXTS[q % len(SAMPLE_TEXTS)] for q in queries],
-                "doc_id": [f"d{i}" for i in ids],
-                "doc": [" ".join(rng.choices(SAMPLE_TEXTS, k=rng.randint(1, 8))) for _ in ids],
-                "retrieval_rank": [i % 10 + 1 for i in ids],
-                "is_positive": [i % 10 == 0 for i in ids],
-            }
-        )
-        pq.write_table(table, directory / f"part-{s:04d}.parquet")
 
 
 def vm_hwm_bytes(pid: int | str = "self") -> int:
@@ -120,9 +92,11 @@ def child(args: argparse.Namespace) -> None:
 
 def run_one(code: Path, rows: int, work: Path, model: Path) -> dict:
     """Generate the input, run the child on ``code``'s rerank_ray, return its figures."""
+    from bench.load_cpu import write_shards
+
     inp, out = work / f"in-{rows}", work / f"out-{rows}-{code.name}"
     if not inp.exists():
-        write_shards(inp, rows, shards=max(4, rows // 20_000))
+        write_shards(inp, rows, shards=max(4, rows // 20_000), positives=True)
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, __file__, "--child", "--rows", str(rows), "--input", str(inp)]

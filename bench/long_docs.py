@@ -36,39 +36,29 @@ from bench.workload import (  # noqa: E402
     SPECIAL_TOKENS_PER_PAIR,
     VOCAB_SIZE,
     Workload,
-    make_long_workload,
+    make_workload,
     save_synthetic_tokenizer,
 )
 from rerank_ray.pairs import Chunking, window_spans  # noqa: E402
+from rerank_ray.tiny_model import BGE_M3_SHAPE, random_classifier, xlmr_config  # noqa: E402
 
 POSITIONS = 8192
-MODEL = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=1024,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    intermediate_size=4096,
-    max_position_embeddings=POSITIONS + 2,  # XLM-R numbers positions from pad_token_id + 1
-    type_vocab_size=1,
-    pad_token_id=1,
-    bos_token_id=0,
-    eos_token_id=2,
-    layer_norm_eps=1e-5,
-    num_labels=1,
-)
-TINY = {**MODEL, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-TINY["intermediate_size"] = 64
 
 
 def save_model(path: str, tiny: bool, device: str) -> None:
-    """Random-weight XLM-R cross-encoder and the synthetic tokenizer under ``path``."""
+    """Random-weight XLM-R cross-encoder (bge-reranker-v2-m3's shape, or 2x32 with ``tiny``)
+    of the synthetic vocabulary and ``POSITIONS`` positions, and that tokenizer, under
+    ``path``."""
     import torch
-    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
-    torch.manual_seed(0)
+    shape = {
+        **({} if tiny else BGE_M3_SHAPE),
+        "vocab_size": VOCAB_SIZE,
+        "max_position_embeddings": POSITIONS + 2,  # XLM-R numbers positions from pad_token_id + 1
+    }
     with torch.device(device):
-        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(**(TINY if tiny else MODEL)))
-    model = model.to(torch.float32 if device == "cpu" else torch.float16).eval()
+        model = random_classifier(xlmr_config(**shape))
+    model = model.to(torch.float32 if device == "cpu" else torch.float16)
     model.save_pretrained(path)
     save_synthetic_tokenizer(path)
 
@@ -84,27 +74,6 @@ def scored_tokens(work: Workload, pairs: int, mode: str, max_length: int, chunki
         return int((SPECIAL_TOKENS_PER_PAIR + q_keep + np.minimum(d_len, room)).sum())
     _, lengths, count, _ = window_spans(d_len, room, chunking)
     return int(lengths.sum() + ((SPECIAL_TOKENS_PER_PAIR + q_keep) * count).sum())
-
-
-def write_parquet(work: Workload, folder: Path, pairs: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True, exist_ok=True)
-    texts = work.texts(pairs)
-    shard = 2_000
-    for k, s0 in enumerate(range(0, len(texts), shard)):
-        part = texts[s0 : s0 + shard]
-        rows = range(s0, s0 + len(part))
-        table = pa.table(
-            {
-                "query_id": [f"q{work.query_of_pair[i]}" for i in rows],
-                "query": [q for q, _ in part],
-                "doc_id": [f"d{i}" for i in rows],
-                "doc": [d for _, d in part],
-            }
-        )
-        pq.write_table(table, folder / f"pairs-{k:04d}.parquet")
 
 
 def run_variant(args, root: Path, model_dir: str, mode: str, max_length: int) -> dict:
@@ -189,14 +158,14 @@ def main(argv=None) -> None:
     args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     args.gpus = args.gpus or max(1, torch.cuda.device_count())
     low, high = (int(x) for x in args.doc_tokens.split(","))
-    args.work = make_long_workload(args.pairs, doc_tokens=(low, high))
+    args.work = make_workload(args.pairs, doc_tokens=(low, high))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="long-docs-"))
     model_dir = str(root / "model")
     save_model(model_dir, args.tiny, args.device)
-    write_parquet(args.work, root / "small", args.small_pairs)
-    write_parquet(args.work, root / "large", args.pairs)
+    args.work.write_parquet(root / "small", args.small_pairs, shard_rows=2_000)
+    args.work.write_parquet(root / "large", args.pairs, shard_rows=2_000)
     report = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -211,7 +180,7 @@ def main(argv=None) -> None:
         "workload": {
             "pairs": args.pairs,
             "doc_words": [low, high],
-            "distribution": "bench/workload.py make_long_workload: query U[6,20] words, doc "
+            "distribution": "bench/workload.py make_workload(doc_tokens=...): query U[6,20] words, doc "
             "uniform words, one token per word, 4 special tokens per pair",
             "chunk_overlap": args.chunk_overlap,
             "max_chunks_per_doc": args.max_chunks,

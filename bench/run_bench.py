@@ -589,26 +589,6 @@ class Bench:
             print(self.report["errors"]["crossencoder"], flush=True)
         torch.cuda.empty_cache()
 
-    def write_parquet(self, folder: Path, pairs: int) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        folder.mkdir(parents=True, exist_ok=True)
-        texts = self.work.texts(pairs)
-        shard = 50_000
-        for k, s0 in enumerate(range(0, len(texts), shard)):
-            part = texts[s0 : s0 + shard]
-            rows = range(s0, s0 + len(part))
-            table = pa.table(
-                {
-                    "query_id": [f"q{self.work.query_of_pair[i]}" for i in rows],
-                    "query": [q for q, _ in part],
-                    "doc_id": [f"d{i}" for i in rows],
-                    "doc": [d for _, d in part],
-                }
-            )
-            pq.write_table(table, folder / f"pairs-{k:04d}.parquet")
-
     def job(self):
         """The whole Ray Data job (Parquet read -> tokenize -> score -> Parquet write) on a
         small and a large input in one Ray instance: the small run is mostly start-up
@@ -619,8 +599,8 @@ class Bench:
         root = Path(tempfile.mkdtemp(prefix="job-"))
         small, large = self.args.job_small_pairs, self.args.job_pairs
         t0 = time.perf_counter()
-        self.write_parquet(root / "small", small)
-        self.write_parquet(root / "large", large)
+        self.work.write_parquet(root / "small", small, shard_rows=50_000)
+        self.work.write_parquet(root / "large", large, shard_rows=50_000)
         gen_s = time.perf_counter() - t0
         repo = str(Path(__file__).resolve().parent.parent)
         pythonpath = ":".join(filter(None, [repo, os.environ.get("PYTHONPATH")]))

@@ -15,6 +15,7 @@ about 0.2% of pairs reach 512. Each query has ``docs_per_query`` documents.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -67,34 +68,39 @@ class Workload:
             for i in range(n)
         ]
 
+    def write_parquet(self, folder: Path, pairs: int, shard_rows: int) -> None:
+        """The first ``pairs`` pairs as Parquet files of ``shard_rows`` rows under ``folder``
+        (query_id, query, doc_id, doc)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder.mkdir(parents=True, exist_ok=True)
+        texts = self.texts(pairs)
+        for k, s0 in enumerate(range(0, len(texts), shard_rows)):
+            part = texts[s0 : s0 + shard_rows]
+            rows = range(s0, s0 + len(part))
+            table = pa.table(
+                {
+                    "query_id": [f"q{self.query_of_pair[i]}" for i in rows],
+                    "query": [q for q, _ in part],
+                    "doc_id": [f"d{i}" for i in rows],
+                    "doc": [d for _, d in part],
+                }
+            )
+            pq.write_table(table, folder / f"pairs-{k:04d}.parquet")
+
 
 def make_workload(
-    pairs: int, *, docs_per_query: int = 100, max_length: int = 512, seed: int = 0
-) -> Workload:
-    """``pairs`` synthetic pairs with the length distribution in the module docstring."""
-    rng = np.random.default_rng(seed)
-    n_queries = -(-pairs // docs_per_query)
-    vocab = VOCAB_SIZE - FIRST_WORD_ID
-    queries = [
-        rng.integers(0, vocab, rng.integers(6, 21)).astype(np.int32) + FIRST_WORD_ID
-        for _ in range(n_queries)
-    ]
-    d_len = np.clip(np.round(np.exp(rng.normal(4.49, 0.55, pairs))), 8, 700).astype(np.int64)
-    flat = (rng.integers(0, vocab, int(d_len.sum())) + FIRST_WORD_ID).astype(np.int32)
-    docs = np.split(flat, np.cumsum(d_len)[:-1])
-    return Workload(queries, docs, np.arange(pairs) // docs_per_query, max_length)
-
-
-def make_long_workload(
     pairs: int,
     *,
-    doc_tokens: tuple[int, int] = (1024, 4096),
     docs_per_query: int = 100,
     max_length: int = 512,
     seed: int = 0,
+    doc_tokens: tuple[int, int] | None = None,
 ) -> Workload:
-    """``pairs`` pairs whose documents are long: words uniform in ``doc_tokens`` (inclusive);
-    queries as in ``make_workload``."""
+    """``pairs`` synthetic pairs with the length distribution in the module docstring; with
+    ``doc_tokens`` (low, high), documents of words uniform in that range (inclusive) instead:
+    long documents."""
     rng = np.random.default_rng(seed)
     n_queries = -(-pairs // docs_per_query)
     vocab = VOCAB_SIZE - FIRST_WORD_ID
@@ -102,7 +108,10 @@ def make_long_workload(
         rng.integers(0, vocab, rng.integers(6, 21)).astype(np.int32) + FIRST_WORD_ID
         for _ in range(n_queries)
     ]
-    d_len = rng.integers(doc_tokens[0], doc_tokens[1] + 1, pairs)
+    if doc_tokens is None:
+        d_len = np.clip(np.round(np.exp(rng.normal(4.49, 0.55, pairs))), 8, 700).astype(np.int64)
+    else:
+        d_len = rng.integers(doc_tokens[0], doc_tokens[1] + 1, pairs)
     flat = (rng.integers(0, vocab, int(d_len.sum())) + FIRST_WORD_ID).astype(np.int32)
     docs = np.split(flat, np.cumsum(d_len)[:-1])
     return Workload(queries, docs, np.arange(pairs) // docs_per_query, max_length)

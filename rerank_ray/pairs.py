@@ -2,9 +2,9 @@
 
 ``PairTemplate`` reads where a model's special tokens and token types go; ``assemble_pairs``
 joins each row's query and document ids with it (query cut to ``query_max_length``, then the
-document cut so the pair fits ``max_length``); ``window_spans``/``assemble_windows`` cut a long
-document's ids into overlapping windows framed the same way (``--long-docs chunk``). numpy
-and pyarrow only: no tokenizer call, no Ray, no torch.
+document cut so the pair fits ``max_length``), or, with a ``Chunking``, cuts a long document's
+ids into overlapping windows (``window_spans``) framed the same way (``--long-docs chunk``).
+numpy and pyarrow only: no tokenizer call, no Ray, no torch.
 """
 
 from __future__ import annotations
@@ -103,43 +103,6 @@ def first_offsets(lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
-def assemble_pairs(
-    template: PairTemplate,
-    query_ids: list[list[int]],
-    query_of_row: np.ndarray,
-    doc_ids: list[list[int]],
-    max_length: int,
-    query_max_length: int,
-    with_types: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs from separately tokenized texts, FlagReranker's way, with no per-row Python.
-
-    Row ``i`` pairs query ``query_of_row[i]`` of ``query_ids`` with document ``i`` of
-    ``doc_ids`` (ids without special tokens). The query is cut to ``query_max_length``, the
-    document so the pair fits ``max_length``, and ``template`` adds the special tokens.
-    Returns flat ids (int32), flat type ids (int8; empty unless ``with_types``), per-pair
-    lengths (int32) and truncated flags.
-    """
-    q_flat, q_len = _flatten(query_ids)
-    d_flat, d_len = _flatten(doc_ids)
-    row_q_len = q_len[query_of_row]
-    q_keep = np.minimum(row_q_len, query_max_length)
-    room = np.maximum(max_length - q_keep - template.num_special, 0)
-    d_keep = np.minimum(d_len, room)
-    truncated = (row_q_len > query_max_length) | (d_len > room)
-    ids, types, lengths = _assemble(
-        template,
-        q_flat,
-        first_offsets(q_len)[query_of_row],
-        q_keep,
-        d_flat,
-        first_offsets(d_len),
-        d_keep,
-        with_types,
-    )
-    return ids, types, lengths, truncated
-
-
 @dataclass(frozen=True)
 class Chunking:
     """How ``long_docs: chunk`` cuts a document: windows overlapping by ``overlap`` tokens, at
@@ -181,7 +144,7 @@ def window_spans(
     return begins, lengths, count, needed > chunking.max_chunks
 
 
-def assemble_windows(
+def assemble_pairs(
     template: PairTemplate,
     query_ids: list[list[int]],
     query_of_row: np.ndarray,
@@ -189,33 +152,45 @@ def assemble_windows(
     max_length: int,
     query_max_length: int,
     with_types: bool,
-    chunking: Chunking,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Like ``assemble_pairs``, but each document is cut into windows (``window_spans``) and
-    every window is paired with the row's query, framed as a pair of its length would be.
+    chunking: Chunking | None = None,
+) -> tuple[np.ndarray, ...]:
+    """Pairs from separately tokenized texts, FlagReranker's way, with no per-row Python.
 
-    Returns flat ids and type ids of all windows (rows in order, a row's windows in order),
-    per-window lengths (int32), windows per row (int64) and truncated flags (the query was
-    cut, or the document reaches past its last window).
+    Row ``i`` pairs query ``query_of_row[i]`` of ``query_ids`` with document ``i`` of
+    ``doc_ids`` (ids without special tokens). The query is cut to ``query_max_length``, the
+    document so the pair fits ``max_length``, and ``template`` adds the special tokens.
+    Returns flat ids (int32), flat type ids (int8; empty unless ``with_types``), per-pair
+    lengths (int32) and truncated flags.
+
+    With ``chunking``, each document is cut into windows (``window_spans``) instead, and
+    every window is paired with the row's query, framed as a pair of its length would be.
+    Returns five arrays then: flat ids and type ids of all windows (rows in order, a row's
+    windows in order), per-window lengths (int32), windows per row (int64) and truncated
+    flags (the query was cut, or the document reaches past its last window).
     """
     q_flat, q_len = _flatten(query_ids)
     d_flat, d_len = _flatten(doc_ids)
     row_q_len = q_len[query_of_row]
     q_keep = np.minimum(row_q_len, query_max_length)
+    q_start = first_offsets(q_len)[query_of_row]
+    d_start = first_offsets(d_len)
     room = max_length - q_keep - template.num_special
-    starts, d_keep, count, doc_cut = window_spans(d_len, room, chunking)
-    window_row = np.repeat(np.arange(len(count)), count)
+    if chunking is None:  # one pair per row: the document's head, as much as fits
+        room = np.maximum(room, 0)
+        d_keep = np.minimum(d_len, room)
+        doc_cut = d_len > room
+    else:  # one pair per window: the row's query and start repeat for each of its windows
+        starts, d_keep, count, doc_cut = window_spans(d_len, room, chunking)
+        window_row = np.repeat(np.arange(len(count)), count)
+        q_start, q_keep = q_start[window_row], q_keep[window_row]
+        d_start = d_start[window_row] + starts
     ids, types, lengths = _assemble(
-        template,
-        q_flat,
-        first_offsets(q_len)[query_of_row][window_row],
-        q_keep[window_row],
-        d_flat,
-        first_offsets(d_len)[window_row] + starts,
-        d_keep,
-        with_types,
+        template, q_flat, q_start, q_keep, d_flat, d_start, d_keep, with_types
     )
-    return ids, types, lengths, count, (row_q_len > query_max_length) | doc_cut
+    truncated = (row_q_len > query_max_length) | doc_cut
+    if chunking is None:
+        return ids, types, lengths, truncated
+    return ids, types, lengths, count, truncated
 
 
 def _assemble(

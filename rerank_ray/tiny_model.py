@@ -60,29 +60,71 @@ def xlmr_config(**shape):
     )
 
 
+def bert_config(**shape):
+    """A ``BertConfig`` with two token types and one output label; ``shape`` sets the sizes
+    (tiny by default)."""
+    from transformers import BertConfig
+
+    sizes = {"vocab_size": 400, **TINY_SHAPE, "max_position_embeddings": 520, **shape}
+    return BertConfig(**sizes, type_vocab_size=2, pad_token_id=0, num_labels=1)
+
+
+def random_classifier(config, seed: int = 0):
+    """A sequence-classification model of ``config`` with random weights drawn after
+    ``torch.manual_seed(seed)``, in eval mode."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+# Each kind's special tokens in vocabulary order (ids 0, 1, 2, ...) and the roles they play.
+XLMR_SPECIALS = {
+    "<s>": ("bos_token", "cls_token"),
+    "<pad>": ("pad_token",),
+    "</s>": ("eos_token", "sep_token"),
+    "<unk>": ("unk_token",),
+    "<mask>": ("mask_token",),
+}
+BERT_SPECIALS = {
+    "[PAD]": ("pad_token",),
+    "[UNK]": ("unk_token",),
+    "[CLS]": ("cls_token",),
+    "[SEP]": ("sep_token",),
+    "[MASK]": ("mask_token",),
+}
+
+
 def xlmr_tokenizer(tok, **kwargs):
     """A ``PreTrainedTokenizerFast`` around a ``tokenizers.Tokenizer`` whose vocabulary starts
     ``<s> <pad> </s> <unk>``: XLM-R's special tokens and pair template
     (``<s> A </s></s> B </s>``)."""
+    return _fast_tokenizer(tok, XLMR_SPECIALS, "</s> $B </s>", **kwargs)
+
+
+def bert_tokenizer(tok, **kwargs):
+    """A ``PreTrainedTokenizerFast`` around a ``tokenizers.Tokenizer`` whose vocabulary starts
+    ``[PAD] [UNK] [CLS] [SEP]``: BERT's special tokens and pair template
+    (``[CLS] A [SEP] B [SEP]``, the second part of token type 1)."""
+    return _fast_tokenizer(tok, BERT_SPECIALS, "$B:1 [SEP]:1", **kwargs)
+
+
+def _fast_tokenizer(tok, specials, second, **kwargs):
+    """``tok`` with the template ``<cls> A <sep>`` for one text and that followed by
+    ``second`` for a pair, in a ``PreTrainedTokenizerFast`` that knows ``specials``' roles."""
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
+    roles = {role: token for token, played in specials.items() for role in played}
+    cls, sep = roles["cls_token"], roles["sep_token"]
+    single = f"{cls} $A {sep}"
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>",
-        pair="<s> $A </s> </s> $B </s>",
-        special_tokens=[("<s>", 0), ("</s>", 2)],
+        single=single,
+        pair=f"{single} {second}",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        sep_token="</s>",
-        cls_token="<s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        **kwargs,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **roles, **kwargs)
 
 
 def build_tiny_reranker(
@@ -94,65 +136,31 @@ def build_tiny_reranker(
 ) -> Path:
     """Save a 2-layer cross-encoder and its tokenizer under ``out_dir``; return the path."""
     import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        PreTrainedTokenizerFast,
-        XLMRobertaForSequenceClassification,
-    )
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    texts = list(texts)
     if kind == "xlm-roberta":
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        specials, make_tokenizer, make_config = XLMR_SPECIALS, xlmr_tokenizer, xlmr_config
         tok = Tokenizer(models.WordPiece(unk_token="<unk>", max_input_chars_per_word=100))
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        tok.train_from_iterator(
-            texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
-        )
-        fast = xlmr_tokenizer(tok, model_input_names=["input_ids", "attention_mask"])
-        config = xlmr_config(
-            vocab_size=tok.get_vocab_size(), max_position_embeddings=max_position_embeddings
-        )
-        model_cls = XLMRobertaForSequenceClassification
+        input_names = ["input_ids", "attention_mask"]
     elif kind == "bert":
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        specials, make_tokenizer, make_config = BERT_SPECIALS, bert_tokenizer, bert_config
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.train_from_iterator(
-            texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
-        )
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]",
-            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-        )
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            cls_token="[CLS]",
-            sep_token="[SEP]",
-            unk_token="[UNK]",
-            pad_token="[PAD]",
-            mask_token="[MASK]",
-            model_input_names=["input_ids", "token_type_ids", "attention_mask"],
-        )
-        config = BertConfig(
-            vocab_size=tok.get_vocab_size(),
-            **TINY_SHAPE,
-            max_position_embeddings=max_position_embeddings,
-            type_vocab_size=2,
-            pad_token_id=0,
-            num_labels=1,
-        )
-        model_cls = BertForSequenceClassification
+        input_names = ["input_ids", "token_type_ids", "attention_mask"]
     else:
         raise ValueError(f"kind is {kind!r}; choose 'xlm-roberta' or 'bert'.")
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=list(specials))
+    tok.train_from_iterator(list(texts), trainer)
+    fast = make_tokenizer(tok, model_input_names=input_names)
+    config = make_config(
+        vocab_size=tok.get_vocab_size(), max_position_embeddings=max_position_embeddings
+    )
+    model = random_classifier(config, seed)
     # Random init gives near-constant logits; widen the head so scores spread out.
     with torch.no_grad():
         for name, p in model.named_parameters():

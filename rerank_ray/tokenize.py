@@ -25,7 +25,6 @@ from rerank_ray.pairs import (
     Chunking,
     PairTemplate,
     assemble_pairs,
-    assemble_windows,
     first_offsets,
     list_array,
     nested,
@@ -79,8 +78,8 @@ class TokenizeStage:
     use them), ``num_tokens``, ``truncated`` and ``reject_reason``; drops the text columns
     listed in ``drop_columns`` once they are tokenized. One output row per input row.
     With ``chunking`` (``long_docs: chunk``) a row's ``input_ids`` and ``token_type_ids`` are
-    lists of windows (list<list<...>>, each window a whole pair; ``assemble_windows``) and
-    ``num_tokens`` is their total.
+    lists of windows (list<list<...>>, each window a whole pair; ``assemble_pairs`` with a
+    ``Chunking``) and ``num_tokens`` is their total.
     """
 
     def __init__(
@@ -217,7 +216,7 @@ class TokenizeStage:
         """Tokenize pairs as FlagReranker does.
 
         Returns flat ids (int32), flat type ids (int8), per-pair lengths and truncated flags;
-        with ``chunking``, ``assemble_windows``' five arrays (per-window lengths, then windows
+        with ``chunking``, ``assemble_pairs``' five arrays (per-window lengths, then windows
         per pair before the flags).
         """
         qmax, max_length = self.query_max_length, self.max_length
@@ -233,15 +232,13 @@ class TokenizeStage:
             # One token past each limit tells whether the text was cut, at no extra cost.
             query_ids = self._ids(encoded.dictionary.to_pylist(), qmax + 1)
         if self.chunking is None:
-            doc_ids = self._ids(docs, max_length + 1) if docs else []
-            return assemble_pairs(
-                self.template, query_ids, query_of_row, doc_ids, max_length, qmax, with_types
-            )
-        # The document is tokenized once, as far as the widest row's windows reach (+1).
-        shortest_query = min((min(len(q), qmax) for q in query_ids), default=qmax)
-        widest = max_length - self.template.num_special - shortest_query
-        doc_ids = self._ids(docs, int(self.chunking.coverage(widest)) + 1) if docs else []
-        return assemble_windows(
+            doc_limit = max_length + 1
+        else:  # the document is tokenized once, as far as the widest row's windows reach (+1)
+            shortest_query = min((min(len(q), qmax) for q in query_ids), default=qmax)
+            widest = max_length - self.template.num_special - shortest_query
+            doc_limit = int(self.chunking.coverage(widest)) + 1
+        doc_ids = self._ids(docs, doc_limit) if docs else []
+        return assemble_pairs(
             self.template,
             query_ids,
             query_of_row,

@@ -6,8 +6,11 @@ The S3 credentials below are fake but distinctive, so tests can grep logs for th
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +60,56 @@ def make_pairs(n: int, seed: int = 0, queries: int | None = None) -> pa.Table:
         rows["doc"].append(" ".join(rng.choice(SAMPLE_TEXTS) for _ in range(rng.randint(1, 8))))
         rows["retrieval_rank"].append(i // nq + 1)
     return pa.table(rows)
+
+
+def local_job(tmp_path: Path, model_dir, **options):
+    """The job from ``tmp_path/in`` to ``tmp_path/out`` with one tokenize and one scoring
+    actor; ``options`` set the other fields."""
+    from rerank_ray import JobConfig
+
+    return JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=str(model_dir),
+        tokenize_actors=1,
+        num_actors=1,
+        **options,
+    )
+
+
+def kill_when_half_staged(cli_args: list[str], markers: Path, rows: int, log: Path) -> None:
+    """Run ``rerank_ray.cli`` with ``cli_args`` in its own process (output to ``log``) and,
+    once the progress markers in ``markers`` count half of ``rows`` staged, kill it and the
+    Ray instance it started (raylet, GCS, workers: its descendants) at once, as a lost head
+    node would: nothing gets to finish its write."""
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rerank_ray.cli", *cli_args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        staged, deadline = 0, time.time() + 600
+        while staged < 0.5 * rows:
+            assert proc.poll() is None, "the first attempt ended before it could be killed"
+            assert time.time() < deadline, "the first attempt made no progress"
+            time.sleep(0.1)
+            staged = 0
+            for marker in markers.glob("*.json"):
+                with contextlib.suppress(ValueError):  # being written
+                    staged += sum(
+                        e["scored"] + e["rejected"] + e["filtered"]
+                        for e in json.loads(marker.read_text())
+                    )
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        for member in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGKILL)
+        proc.wait()
 
 
 def moto_server_exe() -> str:

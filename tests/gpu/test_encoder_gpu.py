@@ -18,30 +18,31 @@ pytestmark = [
 ]
 
 
+VOCAB = 1000
+MAX_LENGTH = 512
+
+
 def _model(dtype):
-    from transformers import XLMRobertaForSequenceClassification
+    from rerank_ray.tiny_model import random_classifier, xlmr_config
 
-    from rerank_ray.tiny_model import xlmr_config
-
-    torch.manual_seed(0)
     cfg = xlmr_config(
-        vocab_size=1000,
+        vocab_size=VOCAB,
         hidden_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         intermediate_size=1024,
-        max_position_embeddings=514,
+        max_position_embeddings=MAX_LENGTH + 2,  # XLM-R numbers positions from pad_token_id + 1
     )
-    return XLMRobertaForSequenceClassification(cfg).to("cuda", dtype).eval()
+    return random_classifier(cfg).to("cuda", dtype)
 
 
 def _batch(n, seed=0):
     """``n`` packed rows of random lengths, longest first (as the scorer packs them)."""
     rng = np.random.default_rng(seed)
-    lengths = np.sort(rng.integers(2, 512, n))[::-1]
+    lengths = np.sort(rng.integers(2, MAX_LENGTH, n))[::-1]
     offsets = np.zeros(n + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(lengths)
-    ids = rng.integers(3, 1000, int(offsets[-1])).astype(np.int32)
+    ids = rng.integers(3, VOCAB, int(offsets[-1])).astype(np.int32)
     ids[offsets[:-1]] = 0
     return ids, offsets
 

@@ -1,13 +1,6 @@
 """Atomic commit, rerun-replaces, one writer per partition, and resume after a driver kill."""
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -17,7 +10,7 @@ import pytest
 from rerank_ray import JobConfig, run, schema
 from rerank_ray.sink import ConcurrentRunError, OutputLocation, acquire_lock, release_lock
 from rerank_ray.storage import S3Settings
-from tests.conftest import make_pairs
+from tests.conftest import kill_when_half_staged, local_job, make_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +32,7 @@ def output_keys(out: Path):
 
 def test_rerun_with_same_run_id_replaces_never_duplicates(ray_local, tiny_model_dir, tmp_path):
     table = write_shards(tmp_path / "in", shards=2, rows_per_shard=100)
-    cfg = JobConfig(
-        input=str(tmp_path / "in"),
-        output=str(tmp_path / "out"),
-        model=str(tiny_model_dir),
-        run_id="nightly-1",
-        tokenize_actors=1,
-        num_actors=1,
-    )
+    cfg = local_job(tmp_path, tiny_model_dir, run_id="nightly-1")
     first = run(cfg)
     second = run(cfg)
     keys = output_keys(tmp_path / "out")
@@ -116,69 +102,14 @@ def test_exactly_one_of_two_racing_runs_gets_the_lock(where, s3_server, bucket, 
 def test_resume_after_the_driver_is_killed(ray_local, tiny_model_dir, tmp_path):
     table = write_shards(tmp_path / "in", shards=40, rows_per_shard=500)
     out = tmp_path / "out"
-    args = [
-        sys.executable,
-        "-m",
-        "rerank_ray.cli",
-        "run",
-        "--input",
-        str(tmp_path / "in"),
-        "--output",
-        str(out),
-        "--model",
-        str(tiny_model_dir),
-        "--run-id",
-        "resume-me",
-        "--batch-rows",
-        "100",
-        "--tokenize-actors",
-        "1",
-        "--num-actors",
-        "1",
-        "--rows-per-file",
-        "500",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(tmp_path / "first-attempt.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    args = ["run", "--input", str(tmp_path / "in"), "--output", str(out)]
+    args += ["--model", str(tiny_model_dir), "--run-id", "resume-me", "--batch-rows", "100"]
+    args += ["--tokenize-actors", "1", "--num-actors", "1", "--rows-per-file", "500"]
     markers = out / "_staging" / "resume-me" / "_progress"
-    staged_rows = 0
-    deadline = time.time() + 600
-    while staged_rows < 0.5 * table.num_rows:
-        assert proc.poll() is None, "the first attempt ended before it could be killed"
-        assert time.time() < deadline, "the first attempt made no progress"
-        time.sleep(0.1)
-        staged_rows = 0
-        for marker in markers.glob("*.json"):
-            try:
-                entries = json.loads(marker.read_text())
-            except ValueError:
-                continue  # being written
-            staged_rows += sum(e["scored"] + e["rejected"] + e["filtered"] for e in entries)
-    # Kill the driver and the Ray instance it started (raylet, GCS, workers: its descendants)
-    # at once, as a lost head node would; nothing gets to finish its write.
-    import psutil
-
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
+    kill_when_half_staged(args, markers, table.num_rows, tmp_path / "first-attempt.log")
     assert not (out / schema.MANIFEST_NAME).exists()
 
-    cfg = JobConfig(
-        input=str(tmp_path / "in"),
-        output=str(out),
-        model=str(tiny_model_dir),
-        run_id="resume-me",
-        batch_rows=100,
-        rows_per_file=500,
-        tokenize_actors=1,
-        num_actors=1,
-    )
+    cfg = local_job(tmp_path, tiny_model_dir, run_id="resume-me", batch_rows=100, rows_per_file=500)
     manifest = run(cfg)
     assert 0 < manifest["rows_resumed"] < table.num_rows
     assert manifest["rows_processed_this_attempt"] < 0.6 * table.num_rows

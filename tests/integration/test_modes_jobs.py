@@ -6,21 +6,14 @@ pure per-query functions give on those scores (so shards and shuffles change not
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -35,7 +28,7 @@ from rerank_ray.modes.labeling import MODE_FIELDS
 from rerank_ray.modes.ranking import nightly_stats
 from rerank_ray.modes.run import run_labeling, run_nightly
 from rerank_ray.sink.location import list_files
-from tests.conftest import make_pairs, upload_table
+from tests.conftest import kill_when_half_staged, local_job, make_pairs, upload_table
 from tests.integration.test_multinode import assert_exactly_once, write_shards
 from tests.unit.test_modes_labeling import labeled_rows
 from tests.unit.test_modes_ranking import nightly_rows
@@ -262,49 +255,19 @@ def test_labeling_killed_mid_scoring_resumes_without_rescoring(ray_local, tiny_m
     out = tmp_path / "out"
     flags = ["--label-source", "given", "--hard-negative-min-rank", "1", "--margin", "0"]
     args = [
-        *(sys.executable, "-m", "rerank_ray.cli", "labeling"),
+        "labeling",
         *("--input", str(tmp_path / "in"), "--output", str(out)),
         *("--model", str(tiny_model_dir), "--run-id", "label-resume"),
         *("--batch-rows", "100", "--tokenize-actors", "1", "--num-actors", "1"),
         *("--rows-per-file", "300", *flags),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(tmp_path / "first-attempt.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    # The scoring stage's progress markers: kill once half the rows are staged.
+    # The scoring stage's progress markers.
     markers = out / "_scored" / "label-resume" / "_staging" / "label-resume" / "_progress"
-    staged, deadline = 0, time.time() + 600
-    while staged < 0.5 * table.num_rows:
-        assert proc.poll() is None, "the first attempt ended before it could be killed"
-        assert time.time() < deadline, "the first attempt made no progress"
-        time.sleep(0.1)
-        staged = 0
-        for marker in markers.glob("*.json"):
-            with contextlib.suppress(ValueError):  # being written
-                staged += sum(
-                    e["scored"] + e["rejected"] + e["filtered"]
-                    for e in json.loads(marker.read_text())
-                )
-    # The driver and the Ray instance it started, at once, as a lost head node.
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for member in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.send_signal(signal.SIGKILL)
-    proc.wait()
-    log.close()
+    kill_when_half_staged(args, markers, table.num_rows, tmp_path / "first-attempt.log")
     assert not (out / "_SUCCESS").exists()
 
-    cfg = JobConfig(
-        input=str(tmp_path / "in"),
-        output=str(out),
-        model=str(tiny_model_dir),
-        run_id="label-resume",
-        batch_rows=100,
-        rows_per_file=300,
-        tokenize_actors=1,
-        num_actors=1,
+    cfg = local_job(
+        tmp_path, tiny_model_dir, run_id="label-resume", batch_rows=100, rows_per_file=300
     )
     mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
     report = run_labeling(cfg, mode)
@@ -334,15 +297,7 @@ def test_failed_per_query_step_reruns_without_scoring_again(
 ):
     table = input_with_labels(600)
     write_shards(table, tmp_path / "in", shards=3)
-    cfg = JobConfig(
-        input=str(tmp_path / "in"),
-        output=str(tmp_path / "out"),
-        model=str(tiny_model_dir),
-        run_id="again",
-        batch_rows=100,
-        tokenize_actors=1,
-        num_actors=1,
-    )
+    cfg = local_job(tmp_path, tiny_model_dir, run_id="again", batch_rows=100)
     mode = LabelConfig(label_source="given", hard_negative_min_rank=1, margin=0.0)
 
     def lost(*args, **kwargs):

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rerank_ray import JobConfig, run, schema, storage
 from rerank_ray.source import InputError
 from rerank_ray.storage import StorageError
-from tests.conftest import make_pairs
+from tests.conftest import local_job, make_pairs
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,23 @@ def write_shards(table: pa.Table, directory, shards: int = 3):
     for i in range(shards):
         pq.write_table(table.slice(i * step, step), directory / f"part-{i}.parquet")
     return directory
+
+
+@pytest.fixture
+def run_local(tmp_path, tiny_model_dir):
+    """``run_local(table, shards=3, **options)`` writes ``table`` as ``shards`` Parquet files
+    in ``tmp_path/in``, runs ``local_job`` with ``options`` on them (the tiny model, output in
+    ``tmp_path/out``) and returns the manifest."""
+
+    def run_on_shards(table: pa.Table, shards: int = 3, **options) -> dict:
+        write_shards(table, tmp_path / "in", shards)
+        return run(local_job(tmp_path, tiny_model_dir, **options))
+
+    return run_on_shards
+
+
+def with_docs(table: pa.Table, docs: list) -> pa.Table:
+    return table.set_column(table.schema.get_field_index("doc"), "doc", pa.array(docs))
 
 
 def read_output(out_dir):
@@ -51,7 +68,9 @@ def hf_scores(model_dir, queries, docs):
     return np.concatenate(out)
 
 
-def test_every_row_exactly_once_with_scores_equal_to_hf(ray_local, tiny_model_dir, tmp_path):
+def test_every_row_exactly_once_with_scores_equal_to_hf(
+    ray_local, run_local, tiny_model_dir, tmp_path
+):
     table = make_pairs(600)
     bad = pa.table(
         {
@@ -63,19 +82,8 @@ def test_every_row_exactly_once_with_scores_equal_to_hf(ray_local, tiny_model_di
         }
     )
     table = pa.concat_tables([table.slice(0, 300), bad, table.slice(300)])
-    inp = write_shards(table, tmp_path / "in")
+    manifest = run_local(table, batch_rows=128, run_date="2026-11-21")
     out = tmp_path / "out"
-    manifest = run(
-        JobConfig(
-            input=str(inp),
-            output=str(out),
-            model=str(tiny_model_dir),
-            batch_rows=128,
-            tokenize_actors=1,
-            num_actors=1,
-            run_date="2026-11-21",
-        )
-    )
     scored, rejects, written = read_output(out)
     assert written == manifest
     all_keys = keys(scored) + keys(rejects)
@@ -95,27 +103,21 @@ def test_every_row_exactly_once_with_scores_equal_to_hf(ray_local, tiny_model_di
     assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
 
 
-def test_truncation_flag_and_extra_partition(ray_local, tiny_model_dir, tmp_path):
+def test_truncation_flag_and_extra_partition(ray_local, run_local, tiny_model_dir, tmp_path):
     table = make_pairs(60)
     table = table.append_column("lang", pa.array(["en", "de"] * 30))
     long_doc = " ".join(["paris is the capital and most populous city of france"] * 20)
     docs = table["doc"].to_pylist()
     docs[::3] = [long_doc] * len(docs[::3])
-    table = table.set_column(table.schema.get_field_index("doc"), "doc", pa.array(docs))
-    inp = write_shards(table, tmp_path / "in", shards=2)
-    out = tmp_path / "out"
-    manifest = run(
-        JobConfig(
-            input=str(inp),
-            output=str(out),
-            model=str(tiny_model_dir),
-            max_length=48,
-            partition_by=["run_date", "lang"],
-            run_date="2026-01-02",
-            tokenize_actors=1,
-            num_actors=1,
-        )
+    table = with_docs(table, docs)
+    manifest = run_local(
+        table,
+        shards=2,
+        max_length=48,
+        partition_by=["run_date", "lang"],
+        run_date="2026-01-02",
     )
+    out = tmp_path / "out"
     scored, _, _ = read_output(out)
     assert {p.name for p in (out / "run_date=2026-01-02").iterdir()} == {"lang=en", "lang=de"}
     truncated = dict(
@@ -134,7 +136,7 @@ def test_truncation_flag_and_extra_partition(ray_local, tiny_model_dir, tmp_path
     assert manifest["rows_truncated"] == sum(expected.values()) > 0
 
 
-def test_long_docs_chunk_scores_every_row_once(ray_local, tiny_model_dir, tmp_path):
+def test_long_docs_chunk_scores_every_row_once(ray_local, run_local, tiny_model_dir, tmp_path):
     """--long-docs chunk end to end: one row per pair, windows folded; the manifest counts
     the rows; the chunk columns after the job's own; scores as the stages give in-process."""
     from rerank_ray.pairs import Chunking
@@ -147,25 +149,19 @@ def test_long_docs_chunk_scores_every_row_once(ray_local, tiny_model_dir, tmp_pa
     docs = table["doc"].to_pylist()
     docs[::4] = [f"{long_doc} {i}" for i in range(len(docs[::4]))]
     docs[5], docs[9] = "", None
-    table = table.set_column(table.schema.get_field_index("doc"), "doc", pa.array(docs))
-    inp = write_shards(table, tmp_path / "in", shards=2)
-    out = tmp_path / "out"
-    manifest = run(
-        JobConfig(
-            input=str(inp),
-            output=str(out),
-            model=str(tiny_model_dir),
-            max_length=64,
-            chunk_overlap=8,
-            long_docs="chunk",
-            max_chunks_per_doc=4,
-            chunk_aggregate="max",
-            batch_rows=64,
-            tokenize_actors=1,
-            num_actors=1,
-            run_date="2026-11-21",
-        )
+    table = with_docs(table, docs)
+    manifest = run_local(
+        table,
+        shards=2,
+        max_length=64,
+        chunk_overlap=8,
+        long_docs="chunk",
+        max_chunks_per_doc=4,
+        chunk_aggregate="max",
+        batch_rows=64,
+        run_date="2026-11-21",
     )
+    out = tmp_path / "out"
     scored, rejects, _ = read_output(out)
     all_keys = keys(scored) + keys(rejects)
     assert len(all_keys) == len(set(all_keys)) == table.num_rows
@@ -208,22 +204,18 @@ def test_jsonl_input_with_mapped_columns(ray_local, tiny_model_dir, tmp_path):
                 )
                 + "\n"
             )
-    out = tmp_path / "out"
     run(
-        JobConfig(
-            input=str(tmp_path / "in"),
-            output=str(out),
-            model=str(tiny_model_dir),
+        local_job(
+            tmp_path,
+            tiny_model_dir,
             query_id_column="qid",
             query_column="question",
             doc_id_column="pid",
             doc_column="passage",
             keep_columns=["qid", "pid", "source"],
-            tokenize_actors=1,
-            num_actors=1,
         )
     )
-    scored, _, manifest = read_output(out)
+    scored, _, manifest = read_output(tmp_path / "out")
     assert manifest["rows_scored"] == 50
     assert set(scored.column_names) == {
         "query_id",
@@ -320,14 +312,7 @@ def test_a_large_shard_reaches_the_scorer_a_batch_at_a_time(ray_local, tiny_mode
 
     table = make_pairs(3000)
     write_shards(table, tmp_path / "in", shards=1)
-    cfg = JobConfig(
-        input=str(tmp_path / "in"),
-        output=str(tmp_path / "out"),
-        model=str(tiny_model_dir),
-        batch_rows=500,
-        tokenize_actors=1,
-        num_actors=1,
-    ).with_defaults_resolved()
+    cfg = local_job(tmp_path, tiny_model_dir, batch_rows=500).with_defaults_resolved()
     s3 = s3_settings(cfg)
     scored = build_dataset(cfg, plan_source(cfg, s3), s3)
     sizes = [b.num_rows() for b in scored.iter_internal_ref_bundles()]

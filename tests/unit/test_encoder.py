@@ -5,21 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    XLMRobertaForSequenceClassification,
-)
 
 from rerank_ray.runners.encoder import PackedEncoder
-from rerank_ray.tiny_model import xlmr_config
+from rerank_ray.tiny_model import bert_config, random_classifier, xlmr_config
 
 VOCAB = 97
 
 
 def _xlmr(hidden: int = 32) -> torch.nn.Module:
     """Tiny XLM-R, 4 heads (head size hidden / 4; the Triton attention needs >= 16)."""
-    torch.manual_seed(0)
     cfg = xlmr_config(
         vocab_size=VOCAB,
         hidden_size=hidden,
@@ -27,22 +21,12 @@ def _xlmr(hidden: int = 32) -> torch.nn.Module:
         intermediate_size=2 * hidden,
         max_position_embeddings=66,
     )
-    return XLMRobertaForSequenceClassification(cfg).eval()
+    return random_classifier(cfg, seed=0)
 
 
 def _bert() -> torch.nn.Module:
-    torch.manual_seed(1)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        type_vocab_size=2,
-        num_labels=1,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    cfg = bert_config(vocab_size=VOCAB, num_attention_heads=4, max_position_embeddings=64)
+    return random_classifier(cfg, seed=1)
 
 
 @pytest.fixture(scope="module")

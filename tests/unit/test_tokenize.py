@@ -160,23 +160,22 @@ def test_assemble_pairs_by_hand():
         template, query_ids, query_of_row, doc_ids, max_length=8, query_max_length=2,
         with_types=True,
     )  # fmt: skip
+    # Each pair's ids and, below them, their token types.
     want = [
-        [1, 20, 2, 2, 30, 31, 3],
-        [1, 10, 11, 2, 2, 40, 41, 3],
-        [1, 20, 2, 2, 3],
-        [1, 10, 11, 2, 2, 50, 51, 3],
-        [1, 20, 2, 2, 60, 3],
-    ]
-    want_types = [
-        [0, 0, 0, 1, 1, 1, 1],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-        [0, 0, 0, 1, 1],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-        [0, 0, 0, 1, 1, 1],
-    ]
-    assert lengths.tolist() == [len(w) for w in want]
-    assert ids.tolist() == [t for w in want for t in w]
-    assert types.tolist() == [t for w in want_types for t in w]
+        ([1, 20, 2, 2, 30, 31, 3],
+         [0, 0, 0, 1, 1, 1, 1]),
+        ([1, 10, 11, 2, 2, 40, 41, 3],
+         [0, 0, 0, 0, 1, 1, 1, 1]),
+        ([1, 20, 2, 2, 3],
+         [0, 0, 0, 1, 1]),
+        ([1, 10, 11, 2, 2, 50, 51, 3],
+         [0, 0, 0, 0, 1, 1, 1, 1]),
+        ([1, 20, 2, 2, 60, 3],
+         [0, 0, 0, 1, 1, 1]),
+    ]  # fmt: skip
+    assert lengths.tolist() == [len(w) for w, _ in want]
+    assert ids.tolist() == [t for w, _ in want for t in w]
+    assert types.tolist() == [t for _, w in want for t in w]
     assert truncated.tolist() == [False, True, False, True, False]
     assert ids.dtype == np.int32 and types.dtype == np.int8 and lengths.dtype == np.int32
     # A query that fills max_length leaves no room: the document is cut to nothing.
