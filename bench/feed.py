@@ -92,10 +92,11 @@ def run_job(
 ) -> dict:
     """One ``rerank-ray run`` in its own process (``env_vars`` added to its environment):
     wall time and the manifest's figures."""
+    tree = str(Path(env_vars.get("tree", ROOT)).resolve())  # whose rerank_ray runs the job
     env = {
-        **env_vars,
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **{k: v for k, v in env_vars.items() if k != "tree"},
+        "PYTHONPATH": os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])),
     }
     cmd = [sys.executable, "-m", "rerank_ray.cli", "run", "--input", str(input_dir)]
     cmd += ["--output", str(out_dir), "--model", str(model_dir), *flags]
@@ -164,7 +165,8 @@ def main() -> None:
     parser.add_argument(
         "--jobs",
         default=DEFAULT_JOBS,
-        help="model:words,...; words: default, or --flag=value and NAME=value (environment)",
+        help="model:words,...; words: default, or --flag=value, NAME=value (environment) and "
+        "tree=DIR (run DIR's rerank_ray, e.g. `git archive REV rerank_ray | tar -x -C DIR`)",
     )
     parser.add_argument("--pairs", default="minilm=600000,bge-m3=400000")
     parser.add_argument("--flag-pairs", default="minilm=20000,bge-m3=4000")

@@ -34,22 +34,18 @@ class ClusterError(RerankError, RuntimeError):
     """The Ray cluster cannot run this job as configured."""
 
 
-def tokenize_pool_bounds(
-    scorers: int, cluster_cpus: float, pinned: int | None, *, fill: bool = False
-) -> tuple[int, int]:
+def tokenize_pool_bounds(scorers: int, cluster_cpus: float, pinned: int | None) -> tuple[int, int]:
     """(min, max) size of the tokenize pool for ``scorers`` scoring actors (1 CPU each) on a
     cluster of ``cluster_cpus`` CPUs; ``pinned`` (``--tokenize-actors``) fixes both.
 
-    Unpinned, the ceiling is every CPU the scoring actors and ``IO_CPUS`` leave. With
-    ``fill`` (GPU scoring on a fixed pool: those CPUs have nothing else to do) the pool is
-    that ceiling from the start; else it autoscales with demand between a floor of 1 tokenize
-    actor per scoring actor and the ceiling. A floor that does not fit shrinks to what fits
-    (at least 1), so the pools never take the read and write tasks' CPUs.
+    Unpinned, the pool autoscales with demand between a floor of 1 tokenize actor per scoring
+    actor and every CPU the scoring actors and ``IO_CPUS`` leave; a floor that does not fit
+    shrinks to what fits (at least 1), so the pools never take the read and write tasks' CPUs.
     """
     if pinned is not None:
         return pinned, pinned
     ceiling = max(1, math.floor(cluster_cpus) - scorers - IO_CPUS)
-    return (ceiling if fill else min(scorers, ceiling)), ceiling
+    return min(scorers, ceiling), ceiling
 
 
 def capacity_shortfall(
@@ -214,15 +210,11 @@ def plan_pools(cfg: JobConfig) -> Pools:
     else:
         scorers = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
         score = ActorPoolStrategy(size=scorers, **threads)
-    # A GPU's scoring actor can outrun many tokenize actors (small models), and Ray Data's
-    # autoscaler, ramping up from the floor within its per-operator CPU budget, stopped short
-    # of the CPUs a GPU node leaves idle anyway (bench/README.md): a fixed GPU pool gets
-    # them all from the start. Elsewhere the autoscaler adds tokenize actors while blocks
-    # queue at their input and removes idle ones.
-    fill = use_gpu and not autoscaling
-    low, high = tokenize_pool_bounds(scorers, cpus, cfg.tokenize_actors, fill=fill)
+    low, high = tokenize_pool_bounds(scorers, cpus, cfg.tokenize_actors)
     if autoscaling and cfg.tokenize_actors is None:
         high = max(high, cfg.max_actors)  # the cluster grows with the scoring pool
+    # Ray Data's autoscaler adds tokenize actors while blocks queue at their input and
+    # removes idle ones; a pinned size is one fixed pool.
     tokenize = (
         ActorPoolStrategy(size=low)
         if low == high

@@ -32,20 +32,6 @@ def test_tokenize_pool_bounds(scorers, cpus, pinned, bounds):
     assert tokenize_pool_bounds(scorers, cpus, pinned) == bounds
 
 
-@pytest.mark.parametrize(
-    "scorers, cpus, pinned, size",
-    [
-        (1, 16, None, 16 - 1 - IO_CPUS),  # one H200 host: every spare CPU tokenizes
-        (8, 128, None, 128 - 8 - IO_CPUS),
-        (1, 4, None, 1),  # g5.xlarge: scorer + 1 tokenizer + read/write
-        (1, 2, None, 1),  # never below 1
-        (1, 16, 3, 3),  # --tokenize-actors still pins it
-    ],
-)
-def test_a_fixed_gpu_pool_gets_the_spare_cpus_from_the_start(scorers, cpus, pinned, size):
-    assert tokenize_pool_bounds(scorers, cpus, pinned, fill=True) == (size, size)
-
-
 def test_unpinned_bounds_leave_read_and_write_their_cpus():
     for cpus in range(4, 200, 7):
         for scorers in range(1, 9):
