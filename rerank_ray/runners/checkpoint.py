@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
-_ROBERTA_LIKE = ("xlm-roberta", "roberta")
+# Model types with RoBERTa's position ids (offset by the padding index) and layout.
+ROBERTA_LIKE = ("xlm-roberta", "roberta")
 
 
 # Checkpoint layouts from_checkpoint reads: the architecture's class name -> its model_type.
@@ -43,7 +44,7 @@ def checkpoint_config(model_dir: Path) -> SimpleNamespace | None:
         return None
     if any(key not in raw for key in _CONFIG_KEYS):
         return None
-    if raw["model_type"] in _ROBERTA_LIKE and not isinstance(raw.get("pad_token_id"), int):
+    if raw["model_type"] in ROBERTA_LIKE and not isinstance(raw.get("pad_token_id"), int):
         return None
     if isinstance(raw.get("id2label"), dict):  # how transformers counts labels
         num_labels = len(raw["id2label"])

@@ -92,8 +92,7 @@ class PackedEncoder:
         attention over cu_seqlens), ``triton`` (``kernels.varlen_attention``: flash attention
         reading the fused QKV output in place, tiled for short sequences), ``sdpa`` (padded per
         micro-batch, exact, any device) or ``auto`` (varlen where available with fp16/bf16,
-        else sdpa). ``compile`` fuses each residual add with its LayerNorm through
-        ``torch.compile`` (dynamic shapes).
+        else sdpa).
         ``gelu_epilogue`` computes bias + GELU inside the feed-forward matmul (cuBLASLt
         epilogue, CUDA only); that GELU is the tanh approximation, so for ``hidden_act="gelu"``
         models it changes logits slightly (bench/ reports by how much): off by default.

@@ -20,8 +20,8 @@ sources are in ``kernel_sources.py``):
   They round to the e4m3 grid themselves: the result is bit for bit ``fp8.quantize_rows``'s,
   on a GPU and under the interpreter alike.
 
-Matmuls with the exact GELU in their epilogue (Triton, cuDNN, CUTLASS) were tried and were
-slower than cuBLAS plus ``gelu_``; bench/README.md keeps those probes.
+The exact GELU stays a pass of its own after cuBLAS's matmul: matmuls with it in their
+epilogue (Triton, cuDNN, CUTLASS) are slower on the GPUs measured (bench/README.md).
 
 Triton is the compiler PyTorch's CUDA builds ship with; where it is missing (CPU-only
 installs) ``available()`` is False and the encoder keeps the eager ops. Under

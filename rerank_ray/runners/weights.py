@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rerank_ray.runners.checkpoint import ROBERTA_LIKE
+
 SUPPORTED_MODEL_TYPES = ("xlm-roberta", "roberta", "bert")
-_ROBERTA_LIKE = ("xlm-roberta", "roberta")
 
 
 def check_config(cfg) -> None:
@@ -77,7 +78,7 @@ def read_weights(
 ) -> EncoderWeights:
     """The encoder's tensors, each ``weight(name)`` (KeyError when missing) moved to ``device``
     and ``dtype``. ``cfg`` passed ``check_config``."""
-    roberta_like = cfg.model_type in _ROBERTA_LIKE
+    roberta_like = cfg.model_type in ROBERTA_LIKE
     # XLM-R/RoBERTa number positions from padding_idx + 1 and skip pad tokens.
     pad_idx = int(cfg.pad_token_id) if roberta_like else None
     base = "roberta." if roberta_like else "bert."
