@@ -44,6 +44,7 @@ VARIANTS = (
     "rr-fp32",
     "rr-fp32-packed",
     "rr-int8",
+    "rr-int8-v1",
 )
 
 
@@ -52,13 +53,14 @@ def make_pairs(queries: int, docs_per_query: int, seed: int) -> list[tuple[int, 
     """(query index, query, doc) with bench/workload.py's length distribution, in English.
 
     Words come from the Python documentation shipped with the interpreter
-    (``pydoc_data.topics``), so the trained model sees real text. A document takes a
+    (``pydoc_data.topics``), so the trained model sees real text: the half of its paragraphs
+    that int8_cpu does not calibrate on (``manual_words(1)``), so no text is shared. A document takes a
     log-normal number of tokens (workload.py), about 1.3 WordPiece tokens per word; the query
     (6-20 words) is cut from its first document, so each query has one clearly related doc.
     """
-    from pydoc_data.topics import topics
+    from rerank_ray.runners.int8_cpu import manual_words
 
-    words = re.sub(r"[^A-Za-z0-9.,;:()'\"-]+", " ", " ".join(topics.values())).split()
+    words = manual_words(1)
     rng = np.random.default_rng(seed)
     pairs = []
     for q in range(queries):
@@ -192,6 +194,8 @@ def _head(types, lengths, rows):
 def rr_runner(variant: str, model_dir: str, threads: int, work: str):
     import torch
 
+    if variant == "rr-int8-v1":
+        return int8_v1_runner(model_dir, threads, Path(work))
     if variant == "rr-int8":
         from rerank_ray.runners.int8_cpu import Int8CpuRunner
 
@@ -204,6 +208,32 @@ def rr_runner(variant: str, model_dir: str, threads: int, work: str):
     from rerank_ray.runners.encoder import PackedEncoder
 
     return PackedEncoder(model)  # attention 'sdpa' on CPU
+
+
+def int8_v1_runner(model_dir: str, threads: int, work: Path):
+    """The first int8 recipe (commit 9f8dc7f), for comparison: ONNX Runtime's stock dynamic
+    int8 of the same export (one activation scale per tensor per call, weights per channel,
+    embeddings int8), run by the same runner class."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from rerank_ray.runners.int8_cpu import Int8CpuRunner, export_onnx
+    from rerank_ray.runners.padded import load_cross_encoder
+
+    path = work / "int8-v1" / "model.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = load_cross_encoder(model_dir, device=torch.device("cpu"), dtype=torch.float32)
+        export_onnx(model, path.parent / "fp32.onnx")
+        quantize_dynamic(str(path.parent / "fp32.onnx"), str(path), weight_type=QuantType.QInt8,
+                         per_channel=True, extra_options={"DefaultTensorType": 1})  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Int8CpuRunner(session, pad_id=0, onnx_path=path, threads=threads)
 
 
 # --- preparation: the model and the peers' exported files -----------------------------------
@@ -245,14 +275,17 @@ def prepare(args) -> dict:
         t = time.perf_counter()
         ov_model = CrossEncoder(str(st_dir), device="cpu", backend="openvino")
         ov_model.save_pretrained(str(st_dir))
-        # No hub here: calibrate on local text (other pairs than the timed ones), in
-        # sentence-transformers' own way (one text column, padded to 384 tokens).
+        # No hub here: calibrate on local text, rerank-ray's int8 calibration pairs (other
+        # topics than the timed pairs), in sentence-transformers' own way (one text column,
+        # padded to 384 tokens).
         calib = work / "calibration"
         calib.mkdir(exist_ok=True)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        texts = [f"{q} {d}" for _, q, d in make_pairs(10, 30, seed=args.seed + 1)]
+        from rerank_ray.runners.int8_cpu import calibration_pairs
+
+        texts = [f"{q} {d}" for q, d in calibration_pairs(300)]
         pq.write_table(pa.table({"sentence": texts}), calib / "train.parquet")
         export_static_quantized_openvino_model(
             ov_model,
@@ -271,6 +304,7 @@ def prepare(args) -> dict:
 
     Int8CpuRunner.from_model_dir(args.model, threads=args.threads, cache_dir=str(work))
     notes["rr_int8_export_quantize_s"] = round(time.perf_counter() - t, 1)
+    int8_v1_runner(args.model, args.threads, work)
     return notes
 
 

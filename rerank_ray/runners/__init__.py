@@ -8,7 +8,7 @@ model and with which kernels; it validates the options against the model and the
 - ``padded.PaddedRunner``: Hugging Face's own forward on padded batches, for every other
   model, and on CPU.
 - ``fp8.Fp8Encoder``: the packed encoder with FP8 GEMMs, only when ``precision`` asks for it.
-- ``int8_cpu.Int8CpuRunner``: ONNX Runtime with dynamic INT8 Linear layers on CPU, only when
+- ``int8_cpu.Int8CpuRunner``: ONNX Runtime with INT8 Linear layers on CPU, only when
   ``precision`` asks for it (the ``[cpu]`` extra).
 
 Adding a backend is one module here and one branch in ``build_runner``; the scorer does not
