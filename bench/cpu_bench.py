@@ -58,7 +58,7 @@ def make_pairs(queries: int, docs_per_query: int, seed: int) -> list[tuple[int, 
     log-normal number of tokens (workload.py), about 1.3 WordPiece tokens per word; the query
     (6-20 words) is cut from its first document, so each query has one clearly related doc.
     """
-    from rerank_ray.runners.int8_cpu import manual_words
+    from rerank_ray.runners.int8_recipe import manual_words
 
     words = manual_words(1)
     rng = np.random.default_rng(seed)
@@ -283,7 +283,7 @@ def prepare(args) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from rerank_ray.runners.int8_cpu import calibration_pairs
+        from rerank_ray.runners.int8_recipe import calibration_pairs
 
         texts = [f"{q} {d}" for q, d in calibration_pairs(300)]
         pq.write_table(pa.table({"sentence": texts}), calib / "train.parquet")

@@ -18,15 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from rerank_ray.runners.int8_cpu import (
-    GELU_SHIFT,
-    Int8CpuRunner,
-    actor_threads,
-    calibration_pairs,
-    export_onnx,
-    manual_words,
-    rowwise_int8,
-)
+from rerank_ray.runners.int8_cpu import Int8CpuRunner, actor_threads, export_onnx
+from rerank_ray.runners.int8_recipe import GELU_SHIFT, calibration_pairs, manual_words, rowwise_int8
 from rerank_ray.runners.padded import PaddedRunner, load_cross_encoder
 from rerank_ray.tiny_model import SAMPLE_TEXTS
 
