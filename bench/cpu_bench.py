@@ -369,7 +369,8 @@ def uptime() -> str:
 
 
 def build_large(out: Path) -> None:
-    """bge-reranker-v2-m3's architecture (XLM-R large, 568M parameters), random weights."""
+    """bge-reranker-v2-m3's architecture (XLM-R large, 568M parameters), random weights, and
+    a tokenizer."""
     import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
@@ -380,6 +381,11 @@ def build_large(out: Path) -> None:
                               bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5,
                               num_labels=1)  # fmt: skip
     XLMRobertaForSequenceClassification(config).eval().save_pretrained(out)
+    # The int8 export calibrates on text through the model's tokenizer: an XLM-R-style unigram
+    # tokenizer trained on the Python manual (bench/tokenize_rate.py).
+    from bench.tokenize_rate import corpus_lines, save_unigram_tokenizer
+
+    save_unigram_tokenizer(out, corpus_lines(), vocab_size=32000)
 
 
 def run_large_variant(args) -> None:

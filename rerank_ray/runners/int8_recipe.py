@@ -344,8 +344,13 @@ def _is_gelu_output(name: str, producers: dict) -> bool:
 
 
 def _save(model, path: Path) -> None:
-    """Save ``model``, its weights in a side file when the protobuf would pass 2 GB."""
+    """Save ``model``, its weights in a side file when the protobuf would pass 2 GB (a
+    protobuf over 2 GB cannot even report its size: ``ByteSize`` raises)."""
     import onnx
+    from google.protobuf.message import EncodeError
 
-    big = model.ByteSize() > 1_800_000_000
+    try:
+        big = model.ByteSize() > 1_800_000_000
+    except EncodeError:
+        big = True
     onnx.save(model, str(path), save_as_external_data=big, location=path.name + ".data")
