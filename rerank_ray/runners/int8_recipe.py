@@ -1,12 +1,10 @@
 """The INT8 recipe for CPU scoring: an fp32 ONNX graph -> int8 Linear layers with activations
 quantized per token, SmoothQuant scales, and the calibration pairs they are measured on.
 
-Chosen by measurement on a trained model (bench/cpu_bench.py, bench/README.md "INT8 on CPU").
-ONNX Runtime's stock dynamic INT8 (one activation scale per micro-batch tensor) was fastest but
-ranked too far from fp32: a handful of tokens and hidden channels with large activations set
-the one scale, and every other value is rounded on a coarse grid. The recipe keeps ONNX
-Runtime's int8 GEMM (``MatMulIntegerToFloat``, u8 activations x s8 weights, one weight scale
-per output channel) and changes what feeds it:
+Why (measured: bench/README.md "INT8 on CPU"): with one activation scale per tensor, a few
+tokens and channels with large activations set the scale and the rest round coarsely. The
+recipe keeps ONNX Runtime's int8 GEMM (``MatMulIntegerToFloat``, u8 x s8, one weight scale per
+output channel) and changes what feeds it:
 
 - one activation scale per token (row) instead of per tensor, computed at run time;
 - SmoothQuant scales on the inputs that come from a LayerNorm or from attention: each input
@@ -16,16 +14,12 @@ per output channel) and changes what feeds it:
   so it is quantized on [0, 255] with all 8 bits; the shift is taken back out of the bias
   exactly (``(x + c) W = x W + c * colsum(W)``).
 
-Row-wise scales need a few more elementwise passes than ONNX Runtime's fused per-tensor op.
-Scores still move slightly with the padded width of their micro-batch (padding tokens are
-rows too), but not with the other pairs' activations. Embedding tables are int8 too (ONNX
-Runtime's Gather quantization).
+A score does not move with the other pairs' activations (only, slightly, with the padded
+width of its micro-batch). Embedding tables are int8 too (ONNX Runtime's Gather quantization).
 
-Calibration: the SmoothQuant scales need each channel's largest activation, which is a property
-of the model (outlier channels are systematic) more than of the data; they are measured on
-``CALIBRATION_PAIRS`` English pairs cut from one half of the Python reference manual shipped
-with the interpreter (``manual_words(0)``), never on the pairs being scored.
-bench/cpu_bench.py evaluates on the other half.
+Calibration: each channel's largest activation (systematic in a model, more than in data), on
+``CALIBRATION_PAIRS`` English pairs from one half of the Python reference manual
+(``manual_words(0)``), never on the pairs being scored; bench/cpu_bench.py scores the other.
 """
 
 from __future__ import annotations
