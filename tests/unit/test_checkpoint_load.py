@@ -109,3 +109,18 @@ def test_reading_the_checkpoint_imports_no_transformers(tiny_model_dir):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+def test_the_runners_import_without_ray_and_run_still_resolves():
+    """The scoring modules load on a machine without Ray (``rerank_ray.run`` is imported on
+    first use), and ``rerank_ray.run`` is still the pipeline's entrypoint."""
+    code = (
+        "import sys\n"
+        "import rerank_ray.runners.fp8, rerank_ray.runners.padded, rerank_ray.runners.packed\n"
+        "print('ray' in sys.modules)\n"
+        "import rerank_ray, rerank_ray.pipeline\n"
+        "assert rerank_ray.run is rerank_ray.pipeline.run\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
