@@ -79,8 +79,10 @@ def build_model(name: str, folder: Path, minilm_tokenizer: Path, texts: list[str
 
 
 def write_input(folder: Path, words: list[str], pairs: int) -> int:
-    """Parquet shards of ``pairs`` rows (rounded up to whole blocks); the rows written."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Parquet shards of ``pairs`` rows (rounded up to whole blocks), replacing any earlier
+    input there; the rows written."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     blocks = make_blocks(words, -(-pairs // 2048), seed=1)
     for k in range(0, len(blocks), SHARD_BLOCKS):
         pq.write_table(pa.concat_tables(blocks[k : k + SHARD_BLOCKS]), folder / f"p{k:05d}.parquet")
