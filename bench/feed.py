@@ -179,7 +179,8 @@ def main() -> None:
         "what": "job end to end (CLI, default flags + variant), real subword tokenizers",
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "cpus": os.cpu_count(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "gpus": torch.cuda.device_count(),
         "torch": torch.__version__,
         "models": {},
     }
@@ -193,9 +194,9 @@ def main() -> None:
         entry = report["models"].setdefault(name, {"pairs": rows, "jobs": []})
         entry["setup_s"] = round(time.perf_counter() - t0, 1)
         for k, (_, spec) in enumerate(j for j in jobs if j[0] == name):
-            words = [] if spec == "default" else spec.split()
-            env_vars = dict(w.split("=", 1) for w in words if not w.startswith("--"))
-            flags = [p for w in words if w.startswith("--") for p in w.split("=", 1)]
+            spec_words = [] if spec == "default" else spec.split()
+            env_vars = dict(w.split("=", 1) for w in spec_words if not w.startswith("--"))
+            flags = [p for w in spec_words if w.startswith("--") for p in w.split("=", 1)]
             out_dir = args.work / name / f"out{k}"
             shutil.rmtree(out_dir, ignore_errors=True)
             entry["jobs"].append(

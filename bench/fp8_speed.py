@@ -15,7 +15,8 @@ ops (unfused); and fp8 with fp16 instead of bf16 where this build's FP8 GEMM out
 Also: the dense peaks (``torch._scaled_mm`` 8192^3 e4m3 with rowwise scales; fp16/bf16
 ``mm``), so the report gives % of the FP8 peak in the FLOPs each runner executes; peak GPU
 memory per runner; fp16/bf16/fp8 against FP32 and fp8 against fp16 on the first
-``--accuracy-pairs`` pairs (per-query Spearman, top-10 overlap, max |Δ|); a torch.profiler
+``--accuracy-pairs`` pairs (per-query Spearman, top-10 overlap, max |Δ|); the quantization
+kernels alone in GB/s per launch variant (``quantization_kernels``); a torch.profiler
 breakdown by kernel category of one fp8 forward and one fp16 forward. The JSON is rewritten
 after every section, so a timeout keeps what was measured.
 """
@@ -76,6 +77,54 @@ def peaks() -> dict:
     )
     out["e4m3 rowwise, bf16 out"] = 2 * n**3 / sec / 1e12
     return {k: round(v, 1) for k, v in out.items()}
+
+
+def quantization_kernels(tokens: int = 65_536) -> dict:
+    """The FP8 quantization passes alone at one forward's shapes (``tokens`` x 1024 for
+    add+LayerNorm and the attention output, x 4096 for GELU), in GB/s against a device copy,
+    with the e4m3 rounding done by the GPU's conversion (the runner's) or in integer
+    arithmetic (the interpreter's), and the launch's warps varied."""
+    from rerank_ray.runners import kernel_sources as src
+    from rerank_ray.runners import kernels
+
+    dt = torch.bfloat16
+    x4 = torch.randn(tokens, 4096, device="cuda", dtype=dt)
+    x1, r1 = (torch.randn(tokens, 1024, device="cuda", dtype=dt) for _ in range(2))
+    w, b = torch.randn(1024, device="cuda", dtype=dt), torch.randn(1024, device="cuda", dtype=dt)
+    copy_s = seconds_per_call(lambda: x4.clone())
+    out = {"copy_gb_per_s": round(2 * x4.numel() * 2 / copy_s / 1e9, 1)}
+    for hardware in (True, False):
+        e4m3 = src.store_e4m3_row(hardware=hardware)
+        for warps in (4, 8, 16):
+            for name, x, gelu in (("gelu+e4m3 x4096", x4, True), ("e4m3 x1024", x1, False)):
+                q = torch.empty(x.shape, device="cuda", dtype=torch.float8_e4m3fn)
+                sc = torch.empty((x.shape[0], 1), device="cuda", dtype=torch.float32)
+                sec = seconds_per_call(
+                    lambda x=x, q=q, sc=sc, gelu=gelu, e4m3=e4m3, warps=warps: src.rows_e4m3_kernel()[
+                        (x.shape[0],)
+                    ](x, q, sc, x.stride(0), x.shape[1], BLOCK=x.shape[1], GELU=gelu,
+                      GELU_F32=src.gelu_f32(), E4M3=e4m3, num_warps=warps)
+                )  # fmt: skip
+                key = f"{name}, {'hw' if hardware else 'int'} rounding, {warps} warps"
+                out[key] = {
+                    "ms": round(sec * 1e3, 3),
+                    "gb_per_s": round(x.numel() * 3 / sec / 1e9, 1),
+                }
+            q = torch.empty(x1.shape, device="cuda", dtype=torch.float8_e4m3fn)
+            sc = torch.empty((tokens, 1), device="cuda", dtype=torch.float32)
+            y = x1.clone()
+            sec = seconds_per_call(
+                lambda y=y, q=q, sc=sc, e4m3=e4m3, warps=warps: src.add_layer_norm_kernel()[(tokens,)](
+                    y, r1, w, b, q, sc, y.stride(0), 1024, 1e-5,
+                    BLOCK=1024, QUANT=True, E4M3=e4m3, num_warps=warps)
+            )  # fmt: skip
+            key = f"add+LN+e4m3 x1024, {'hw' if hardware else 'int'} rounding, {warps} warps"
+            out[key] = {"ms": round(sec * 1e3, 3), "gb_per_s": round(x1.numel() * 7 / sec / 1e9, 1)}
+    sec = seconds_per_call(lambda: kernels.gelu_(x4))
+    out["gelu_ x4096 (16-bit, in place)"] = {
+        "ms": round(sec * 1e3, 3), "gb_per_s": round(x4.numel() * 4 / sec / 1e9, 1)
+    }  # fmt: skip
+    return out
 
 
 def profile_forward(runner, ids, offsets, reps: int = 3) -> dict:
@@ -151,6 +200,7 @@ def main() -> None:
         save()
 
     section("peak_tflops", peaks)
+    section("quantization_kernels", quantization_kernels)
     torch.cuda.empty_cache()
 
     from transformers import XLMRobertaForSequenceClassification

@@ -128,6 +128,15 @@ def check_reachable(address: str, source: str) -> None:
     )
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's cpuset, ``taskset``),
+    which a local Ray instance gets as its CPUs; the host's count where there is no mask."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def init_ray(cfg: JobConfig) -> None:
     """Join the cluster the environment names (``ray job submit``, RAY_ADDRESS, a local
     ``ray start``) after checking it answers, else start a local instance with at least the
@@ -144,7 +153,7 @@ def init_ray(cfg: JobConfig) -> None:
         return
     scorers = cfg.num_actors or cfg.min_actors or 1
     tokenizers = cfg.tokenize_actors or scorers
-    local_cpus = max(os.cpu_count() or 1, scorers + tokenizers + IO_CPUS)
+    local_cpus = max(available_cpus(), scorers + tokenizers + IO_CPUS)
     ray.init(num_cpus=local_cpus, log_to_driver=True)
 
 

@@ -20,21 +20,32 @@ def next_power_of_2(n: int) -> int:
 
 
 @functools.cache
-def store_e4m3_row():
+def store_e4m3_row(hardware: bool = False):
     """Device function: quantize one float32 row to float8 e4m3 with a rowwise scale (amax/448)
-    and store it and its scale; the same math as ``fp8.quantize_rows``, bit for bit."""
+    and store it and its scale; the same math as ``fp8.quantize_rows``, bit for bit.
+
+    ``hardware``: the GPU's own conversion rounds (to nearest even, saturating), one
+    instruction per pair of values; else the rounding is done here in integer arithmetic
+    first (the interpreter's float8 cast drops the carry when rounding crosses a power of
+    two), a dozen integer operations per value that make a quantizing pass compute-bound."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def store_e4m3_row(v, mask, Q, S):
+    def store_e4m3_row_hw(v, mask, Q, S):
         amax = tl.maximum(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0), 1e-12)
         # IEEE divisions (Triton's `/` is approximate on GPUs): the scale torch computes.
+        a = tl.minimum(tl.maximum(v * tl.div_rn(448.0, amax), -448.0), 448.0)
+        tl.store(Q, a.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+        tl.store(S, tl.div_rn(amax, 448.0))
+
+    @triton.jit
+    def store_e4m3_row(v, mask, Q, S):
+        amax = tl.maximum(tl.max(tl.where(mask, tl.abs(v), 0.0), axis=0), 1e-12)
         a = tl.minimum(tl.abs(v * tl.div_rn(448.0, amax)), 448.0)
-        # Round to the e4m3 grid here, to nearest even, so the final cast is exact: the
-        # interpreter's own float8 cast drops the carry when rounding crosses a power of two.
-        # Normal range: keep 3 of float32's 23 mantissa bits. Below 2^-6 (subnormal) the grid
-        # is 2^-9: float32 addition of 1.5 * 2^14 rounds there.
+        # Round to the e4m3 grid, to nearest even, so the final cast is exact. Normal range:
+        # keep 3 of float32's 23 mantissa bits. Below 2^-6 (subnormal) the grid is 2^-9:
+        # float32 addition of 1.5 * 2^14 rounds there.
         bits = a.to(tl.int32, bitcast=True)
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         g = tl.where(a < 0.015625, (a + 24576.0) - 24576.0, normal)
@@ -43,7 +54,7 @@ def store_e4m3_row():
         tl.store(Q, g.to(tl.float8e4nv), mask=mask)
         tl.store(S, tl.div_rn(amax, 448.0))
 
-    return store_e4m3_row
+    return store_e4m3_row_hw if hardware else store_e4m3_row
 
 
 @functools.cache

@@ -17,8 +17,8 @@ sources are in ``kernel_sources.py``):
 - FP8 variants (``fp8.py``): ``add_layer_norm_e4m3_`` also writes its output quantized to
   float8 e4m3 with a per-row scale, and ``rows_e4m3`` quantizes rows (optionally of their GELU,
   which then is never written in 16 bits), so an FP8 GEMM's input costs no pass of its own.
-  They round to the e4m3 grid themselves: the result is bit for bit ``fp8.quantize_rows``'s,
-  on a GPU and under the interpreter alike.
+  They round to nearest even (on a GPU with its conversion instruction, under the
+  interpreter in integer arithmetic): bit for bit ``fp8.quantize_rows``'s values.
 
 The exact GELU stays a pass of its own after cuBLAS's matmul: matmuls with it in their
 epilogue (Triton, cuDNN, CUTLASS) are slower on the GPUs measured (bench/README.md).
@@ -87,7 +87,7 @@ def _launch_add_layer_norm(y, x, weight, bias, eps, quant) -> None:
     q, scale = quant if quant is not None else (y, y)  # unused pointers without QUANT
     src.add_layer_norm_kernel()[(rows,)](
         y, x, weight, bias, q, scale, y.stride(0), cols, eps,
-        BLOCK=block, QUANT=quant is not None, E4M3=src.store_e4m3_row(), num_warps=warps,
+        BLOCK=block, QUANT=quant is not None, E4M3=_store_e4m3(), num_warps=warps,
     )  # fmt: skip
 
 
@@ -103,7 +103,7 @@ def rows_e4m3(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.
         block = src.next_power_of_2(cols)
         src.rows_e4m3_kernel()[(rows,)](
             x, q, scale, x.stride(0), cols,
-            BLOCK=block, GELU=gelu, GELU_F32=src.gelu_f32(), E4M3=src.store_e4m3_row(),
+            BLOCK=block, GELU=gelu, GELU_F32=src.gelu_f32(), E4M3=_store_e4m3(),
             num_warps=4 if block <= 1024 else 8,
         )  # fmt: skip
     return q, scale
@@ -122,6 +122,13 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
         grid = (-(-n // block),)
         src.gelu_kernel()[grid](x, n, BLOCK=block, GELU_F32=src.gelu_f32(), num_warps=8)
     return x
+
+
+def _store_e4m3():
+    """The e4m3 rounding the FP8 kernels use: the GPU's conversion instruction, or integer
+    arithmetic under the interpreter (whose float8 cast is off by one step at some ties);
+    both give ``fp8.quantize_rows``'s values."""
+    return src.store_e4m3_row(hardware=not _interpreting())
 
 
 def _interpreting() -> bool:

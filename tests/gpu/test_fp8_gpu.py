@@ -117,3 +117,30 @@ def test_fp8_against_fp16_on_the_gpu_is_what_the_emulation_measures(tmp_path):
     got = _per_query(fp16, gpu.score(ids, offsets).astype(np.float64), group)
     want = _per_query(fp16, emulated.score(ids, offsets).astype(np.float64), group)
     assert abs(got[0] - want[0]) <= 0.01 and abs(got[1] - want[1]) <= 0.03, (got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_quantization_kernels_give_quantize_rows_values_bit_for_bit(dtype):
+    """The kernels round with the GPU's own e4m3 conversion: the values and scales must be
+    exactly ``fp8.quantize_rows``'s (PyTorch's cast), ties and subnormals included."""
+    from rerank_ray.runners import kernels
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    rows, cols = 3000, 1024
+    # Wide magnitudes per row, so many values land in e4m3's subnormal range after scaling.
+    x = torch.randn(rows, cols, generator=gen) * torch.exp(
+        torch.randn(rows, cols, generator=gen) * 3
+    )
+    x = x.to("cuda", dtype)
+    r = (torch.randn(rows, cols, generator=gen) * 0.1).to("cuda", dtype)
+    w = torch.randn(cols, generator=gen).to("cuda", dtype)
+    b = torch.randn(cols, generator=gen).to("cuda", dtype)
+    y, q, scale = kernels.add_layer_norm_e4m3_(x.clone(), r, w, b, 1e-5)
+    want = fp8.quantize_rows(y)
+    assert torch.equal(scale, want.scale)
+    assert torch.equal(q.view(torch.uint8), want.q.view(torch.uint8))
+    for gelu in (False, True):
+        q, scale = kernels.rows_e4m3(x, gelu=gelu)
+        want = fp8.quantize_rows(kernels.gelu_(x.clone()) if gelu else x)
+        assert torch.equal(scale, want.scale), gelu
+        assert torch.equal(q.view(torch.uint8), want.q.view(torch.uint8)), gelu

@@ -1,6 +1,7 @@
 """Pool sizing against the cluster: the tokenize pool's bounds, the capacity check that turns
 a deadlock into an error, and the reachability check of a cluster to join."""
 
+import os
 import socket
 
 import pytest
@@ -98,3 +99,19 @@ def test_reachable_address_passes():
         server.bind(("127.0.0.1", 0))
         server.listen(1)
         check_reachable(f"127.0.0.1:{server.getsockname()[1]}", "RAY_ADDRESS")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_a_local_ray_instance_gets_the_cpus_this_process_may_run_on():
+    """Under ``taskset`` or a container's cpuset the host's CPU count overstates what the
+    job can use: the local instance is sized from the affinity mask."""
+    from rerank_ray.cluster import available_cpus
+
+    before = os.sched_getaffinity(0)
+    one = {min(before)}
+    os.sched_setaffinity(0, one)
+    try:
+        assert available_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert available_cpus() == len(before)
