@@ -8,14 +8,12 @@ max_length, concurrent calls) in ``token_budget.json`` under the cache root
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from rerank_ray import json_cache
 from rerank_ray.backoff import BudgetExhaustedError, TokenBudget
 from rerank_ray.packing import MicroBatch
 
@@ -32,26 +30,13 @@ def budget_cache_key(gpu_name: str, model: str, dtype: str, max_length: int) -> 
 
 def read_cached_budget(path: Path, key: str) -> int | None:
     """The cached budget for ``key``, or None (no file, no entry, unreadable file)."""
-    try:
-        value = json.loads(Path(path).read_text()).get(key)
-    except (OSError, ValueError):
-        return None
+    value = json_cache.read_entry(path, key)
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def write_cached_budget(path: Path, key: str, value: int) -> None:
     """Store ``value`` under ``key``, atomically (write to a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        entries = {}
-    entries[key] = int(value)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    json_cache.write_entry(path, key, int(value))
 
 
 def _probe_batch(budget: int, max_length: int, token_id: int) -> MicroBatch:

@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from rerank_ray import rates
 from rerank_ray.config import JobConfig
 from rerank_ray.errors import RerankError
 
@@ -46,6 +47,28 @@ def tokenize_pool_bounds(scorers: int, cluster_cpus: float, pinned: int | None) 
         return pinned, pinned
     ceiling = max(1, math.floor(cluster_cpus) - scorers - IO_CPUS)
     return min(scorers, ceiling), ceiling
+
+
+def tokenize_pool_start(
+    scorers: int, measured: rates.StageRates | None, low: int, high: int
+) -> int:
+    """Tokenize actors to start the pool with: as many as keep ``scorers`` scoring actors busy
+    at the rates an earlier run ``measured``, within [``low``, ``high``]; ``low`` without
+    measured rates. A pinned pool (``low == high``) keeps its size."""
+    if measured is None:
+        return low
+    wanted = math.ceil(scorers * measured.score_rows_per_s / measured.tokenize_rows_per_s)
+    return min(max(wanted, low), high)
+
+
+def device_kind(resources: dict[str, float], use_gpu: bool) -> str:
+    """What the scoring actors run on, for the rates' cache key: the cluster's GPU type(s)
+    as Ray labels them (``accelerator_type:<name>`` resources), else ``cuda``, or ``cpu``."""
+    if not use_gpu:
+        return "cpu"
+    prefix = "accelerator_type:"
+    types = sorted(k.removeprefix(prefix) for k in resources if k.startswith(prefix))
+    return "+".join(types) or "cuda"
 
 
 def capacity_shortfall(
@@ -166,6 +189,19 @@ class Pools:
     tokenize: Any  # ActorPoolStrategy
     scorer_calls: int  # concurrent calls per scoring actor
     tokenize_bounds: tuple[int, int]  # (min, max) tokenize actors
+    tokenize_start: int  # tokenize actors the pool starts with
+    rates_key: str  # the key of this run's stage rates in the rates file
+    measured_rates: rates.StageRates | None  # an earlier run's rates that sized the pool
+
+    def tokenize_plan(self) -> dict[str, Any]:
+        """The tokenize pool's sizes and the rates that chose its start (the run's metrics)."""
+        return {
+            "bounds": list(self.tokenize_bounds),
+            "start": self.tokenize_start,
+            "remembered_rates": asdict(self.measured_rates)
+            if self.measured_rates is not None
+            else None,
+        }
 
 
 def _autoscaler_max() -> tuple[float | None, float | None]:
@@ -220,14 +256,21 @@ def plan_pools(cfg: JobConfig) -> Pools:
         scorers = cfg.num_actors or (max(int(gpus), 1) if use_gpu else 1)
         score = ActorPoolStrategy(size=scorers, **threads)
     low, high = tokenize_pool_bounds(scorers, cpus, cfg.tokenize_actors)
+    fits_now = high
     if autoscaling and cfg.tokenize_actors is None:
         high = max(high, cfg.max_actors)  # the cluster grows with the scoring pool
+    key = rates.rates_key(cfg, device_kind(resources, use_gpu))
+    measured = rates.read_rates(rates.cache_path(cfg), key) if low < high else None
+    # Within what the CPUs present now hold: actors beyond them would only wait for nodes.
+    start = tokenize_pool_start(scorers, measured, low, fits_now)
     # Ray Data's autoscaler adds tokenize actors while blocks queue at their input and
-    # removes idle ones; a pinned size is one fixed pool.
+    # removes idle ones, down to the floor; a pinned size is one fixed pool. The pool starts
+    # at the size an earlier run's rates call for, so a short job does not spend its first
+    # seconds growing it.
     tokenize = (
         ActorPoolStrategy(size=low)
         if low == high
-        else ActorPoolStrategy(min_size=low, max_size=high, initial_size=low)
+        else ActorPoolStrategy(min_size=low, max_size=high, initial_size=start)
     )
     max_cpus, max_gpus = _autoscaler_max()
     problem = capacity_shortfall(
@@ -266,8 +309,19 @@ def plan_pools(cfg: JobConfig) -> Pools:
             IO_CPUS,
         )
     log.info(
-        "actor pools: %s scoring actor(s), %s tokenize actor(s)",
+        "actor pools: %s scoring actor(s), %s tokenize actor(s)%s",
         f"{cfg.min_actors}-{cfg.max_actors}" if autoscaling else scorers,
         low if low == high else f"{low}-{high} (autoscaling)",
+        "" if low == high else "; " + _start_reason(start, measured),
     )
-    return Pools(use_gpu, score, tokenize, calls, (low, high))
+    return Pools(use_gpu, score, tokenize, calls, (low, high), start, key, measured)
+
+
+def _start_reason(start: int, measured: rates.StageRates | None) -> str:
+    if measured is None:
+        return f"tokenize pool starts at {start} (no rates of an earlier run of this model yet)"
+    return (
+        f"tokenize pool starts at {start} (rates of an earlier run of this model, per busy "
+        f"actor: scoring {measured.score_rows_per_s:,.0f} rows/s, tokenize "
+        f"{measured.tokenize_rows_per_s:,.0f} rows/s)"
+    )

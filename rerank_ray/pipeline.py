@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rerank_ray import cluster, logs, schema, source, storage
+from rerank_ray import cluster, logs, rates, schema, source, storage
 from rerank_ray.config import JobConfig
 from rerank_ray.progress import Progress
 from rerank_ray.report import RunReport
@@ -165,8 +165,11 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
 
 
 def _write(cfg, plan, out, todo, transform, sink, report, resumed_rows):
-    """Build the Dataset, write it through the sink (which commits), write the report."""
-    ds = build_dataset(cfg, plan, out.s3, paths=todo)
+    """Build the Dataset, write it through the sink (which commits), write the report and
+    remember the stages' rates for the next run of this model."""
+    pools = cluster.plan_pools(cfg)
+    report.note("tokenize_pool", pools.tokenize_plan())
+    ds = build_dataset(cfg, plan, out.s3, paths=todo, pools=pools)
     if transform is not None:
         if not source.has_own_path_column(plan):
             # The source-file column serves resume, which a per-query transform turns off
@@ -192,6 +195,7 @@ def _write(cfg, plan, out, todo, transform, sink, report, resumed_rows):
     if sink.manifest is None:
         raise RuntimeError("The write finished without committing a manifest.")
     report.write(out, sink.manifest)
+    rates.remember_rates(rates.cache_path(cfg), pools.rates_key, sink.manifest.get("metrics"))
     return sink.manifest
 
 
@@ -205,10 +209,15 @@ def _set_ray_progress(on: bool) -> None:
 
 
 def build_dataset(
-    cfg: JobConfig, plan: source.SourcePlan, s3: storage.S3Settings, paths: list[str] | None = None
+    cfg: JobConfig,
+    plan: source.SourcePlan,
+    s3: storage.S3Settings,
+    paths: list[str] | None = None,
+    pools: cluster.Pools | None = None,
 ):
-    """The lazy Dataset graph: read -> repartition -> tokenize (CPU) -> score (GPU/CPU)."""
-    pools = cluster.plan_pools(cfg)
+    """The lazy Dataset graph: read -> repartition -> tokenize (CPU) -> score (GPU/CPU), on
+    ``pools`` (planned for this cluster when not given)."""
+    pools = pools or cluster.plan_pools(cfg)
     ds = source.read_dataset(plan, cfg, paths)
     if dropped := _dropped_passthrough(cfg, plan):
         ds = ds.drop_columns(dropped)

@@ -36,6 +36,12 @@ class RunReport:
         self.run_id = run_id
         self.collector = start_collector(run_id, started, marks)
         self.detail: dict[str, Any] | None = None
+        self.notes: dict[str, Any] = {}
+
+    def note(self, name: str, value: Any) -> None:
+        """A fact the driver knows (e.g. how the tokenize pool was sized), put into the
+        manifest's ``metrics`` under ``name`` as is."""
+        self.notes[name] = value
 
     def mark(self, name: str) -> None:
         """A driver event now (e.g. ``dataset_started``), shown in the start-up breakdown."""
@@ -60,7 +66,7 @@ class RunReport:
         except ray.exceptions.RayActorError as err:  # the report is lost, never the run
             log.warning("run %s: no run report (its metrics collector died: %s)", self.run_id, err)
             return {"metrics": None}
-        return {"metrics": summary, "report": report_path(self.run_id)}
+        return {"metrics": summary | self.notes, "report": report_path(self.run_id)}
 
     def write(self, out, manifest: dict[str, Any]) -> str | None:
         """Write the report of the committed ``manifest`` under ``out``; returns its path

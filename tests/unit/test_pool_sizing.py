@@ -1,6 +1,8 @@
-"""Pool sizing against the cluster: the tokenize pool's bounds, the capacity check that turns
-a deadlock into an error, and the reachability check of a cluster to join."""
+"""Pool sizing against the cluster: the tokenize pool's bounds and its start size from an
+earlier run's measured rates (and their cache), the capacity check that turns a deadlock into
+an error, and the reachability check of a cluster to join."""
 
+import json
 import os
 import socket
 
@@ -12,8 +14,19 @@ from rerank_ray.cluster import (
     ClusterError,
     capacity_shortfall,
     check_reachable,
+    device_kind,
     tokenize_pool_bounds,
+    tokenize_pool_start,
 )
+from rerank_ray.config import JobConfig
+from rerank_ray.rates import (
+    RATES_FILE,
+    StageRates,
+    rates_key,
+    read_rates,
+    remember_rates,
+)
+from rerank_ray.report.collect import RunMetrics
 
 
 @pytest.mark.parametrize(
@@ -115,3 +128,115 @@ def test_a_local_ray_instance_gets_the_cpus_this_process_may_run_on():
     finally:
         os.sched_setaffinity(0, before)
     assert available_cpus() == len(before)
+
+
+# H200 + a MiniLM-size model: one scoring actor does ~75,000 rows per busy second, one
+# tokenize actor ~3,900.
+SMALL_MODEL_ON_GPU = StageRates(score_rows_per_s=75_000, tokenize_rows_per_s=3_900)
+
+
+def test_slower_tokenizing_starts_the_actors_that_keep_the_scorers_busy():
+    assert tokenize_pool_start(1, SMALL_MODEL_ON_GPU, low=1, high=64) == 20  # ceil(19.2)
+    assert tokenize_pool_start(2, SMALL_MODEL_ON_GPU, low=2, high=64) == 39  # ceil(38.5)
+    assert tokenize_pool_start(1, StageRates(8_000, 4_000), low=1, high=64) == 2  # exact
+
+
+def test_faster_tokenizing_starts_at_the_floor():
+    large_model = StageRates(score_rows_per_s=900, tokenize_rows_per_s=3_900)
+    assert tokenize_pool_start(1, large_model, low=1, high=13) == 1
+    # 4 scorers would need 1 tokenizer; the floor of 1 per scorer holds.
+    assert tokenize_pool_start(4, large_model, low=4, high=13) == 4
+
+
+def test_start_is_clamped_to_the_ceiling():
+    assert tokenize_pool_start(1, SMALL_MODEL_ON_GPU, low=1, high=13) == 13
+
+
+def test_without_rates_the_pool_starts_at_the_floor():
+    assert tokenize_pool_start(1, None, low=1, high=13) == 1
+    assert tokenize_pool_start(8, None, low=8, high=118) == 8
+
+
+def test_a_pinned_pool_keeps_its_size():
+    assert tokenize_pool_start(1, SMALL_MODEL_ON_GPU, low=3, high=3) == 3
+
+
+def test_device_kind_names_the_gpu_type_when_ray_knows_it():
+    gpu_node = {"CPU": 16.0, "GPU": 1.0, "accelerator_type:H200": 1.0}
+    assert device_kind(gpu_node, use_gpu=True) == "H200"
+    assert device_kind({"CPU": 16.0, "GPU": 1.0}, use_gpu=True) == "cuda"
+    assert device_kind(gpu_node, use_gpu=False) == "cpu"
+
+
+def _run_metrics() -> dict:
+    """A run's metrics: one tokenize actor busy all along at 3,900 rows/s; one scoring actor
+    at 75,000 rows per busy second that waits for tokens between its calls."""
+    m = RunMetrics(0.0)
+    for k in range(4):
+        m.add({"stage": "tokenize", "actor": "t", "start": k, "end": k + 1.0, "rows": 3_900})
+        m.add(
+            {
+                "stage": "score",
+                "actor": "s",
+                "start": k + 1.0,
+                "end": k + 1.052,
+                "rows": 3_900,
+                "pairs": 3_900,
+            }
+        )
+    return m.summary(6.0)
+
+
+def test_rates_are_per_busy_second_not_what_a_starved_scorer_got():
+    rates = StageRates.from_metrics(_run_metrics())
+    assert rates is not None
+    assert rates.tokenize_rows_per_s == pytest.approx(3_900)
+    assert rates.score_rows_per_s == pytest.approx(75_000, rel=1e-3)
+    assert StageRates.from_metrics(None) is None
+    assert StageRates.from_metrics({"stages": {"tokenize": {"rows_per_busy_s": 3_900.0}}}) is None
+
+
+def _cfg(**kw) -> JobConfig:
+    return JobConfig(
+        **{"input": "in/", "output": "out/", "model": "cross-encoder/ms-marco-MiniLM-L6-v2", **kw}
+    )
+
+
+def test_rates_cache_round_trip(tmp_path):
+    path = tmp_path / "cache" / RATES_FILE
+    key = rates_key(_cfg(), "H200")
+    assert read_rates(path, key) is None
+    assert remember_rates(path, "other-model", _run_metrics()) is not None
+    remembered = remember_rates(path, key, _run_metrics())
+    assert remembered is not None and read_rates(path, key) == remembered
+    assert read_rates(path, "other-model") == remembered  # the other entry is kept
+    assert tokenize_pool_start(1, read_rates(path, key), low=1, high=64) == 20
+    # What changes the rates changes the key.
+    for other in (
+        rates_key(_cfg(max_length=256), "H200"),
+        rates_key(_cfg(long_docs="chunk"), "H200"),
+        rates_key(_cfg(dtype="bfloat16"), "H200"),
+        rates_key(_cfg(), "cpu"),
+        rates_key(_cfg(model="BAAI/bge-reranker-v2-m3"), "H200"),
+    ):
+        assert other != key and read_rates(path, other) is None
+    assert not list(path.parent.glob("*.tmp"))  # the temporary file was renamed
+
+
+def test_a_corrupt_rates_file_reads_as_no_rates_and_is_replaced(tmp_path):
+    path = tmp_path / RATES_FILE
+    key = rates_key(_cfg(), "H200")
+    for body in ("not json", "[1, 2]", json.dumps({key: {"score_rows_per_s": "fast"}})):
+        path.write_text(body)
+        assert read_rates(path, key) is None
+    assert remember_rates(path, key, _run_metrics()) is not None
+    assert read_rates(path, key) is not None
+
+
+def test_an_unwritable_rates_file_is_logged_not_raised(tmp_path, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = blocker / RATES_FILE  # its folder is a file
+    assert remember_rates(path, "key", _run_metrics()) is None
+    assert "could not remember the stage rates" in caplog.text
+    assert read_rates(path, "key") is None

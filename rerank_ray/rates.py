@@ -1,0 +1,90 @@
+"""The stages' measured rates per model, remembered between runs to size the tokenize pool.
+
+After a committed run, ``remember_rates`` keeps what one busy scoring actor and one busy
+tokenize actor did per second (the run's ``metrics.stages``) in ``stage_rates.json`` under the
+cache root (``storage.default_cache_dir()`` or ``--model-cache-dir``), keyed by what changes
+those rates (``rates_key``). The next run of the same key starts its tokenize pool at the size
+they call for (``cluster.tokenize_pool_start``). Deleting the file forgets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rerank_ray import json_cache, storage
+from rerank_ray.config import JobConfig
+
+RATES_FILE = "stage_rates.json"
+
+log = logging.getLogger("rerank_ray")
+
+
+@dataclass(frozen=True)
+class StageRates:
+    """Rows one busy actor of each stage handles per second. A row is one (query, doc) pair,
+    or one document's windows with ``long_docs: chunk``; both stages count the same rows."""
+
+    score_rows_per_s: float  # per scoring actor, over the seconds it was in a call
+    tokenize_rows_per_s: float  # per tokenize actor, likewise
+
+    @classmethod
+    def from_entry(cls, entry: Any) -> StageRates | None:
+        """The rates a cache entry holds, or None when it is not two positive numbers."""
+        if not isinstance(entry, dict):
+            return None
+        values = [entry.get("score_rows_per_s"), entry.get("tokenize_rows_per_s")]
+        if not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+            for v in values
+        ):
+            return None
+        return cls(float(values[0]), float(values[1]))
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None) -> StageRates | None:
+        """The rates a run measured (the manifest's ``metrics``); None when it has no metrics
+        or a stage did no work. The scoring rate is per busy second, not over the run's span:
+        a scorer starved of tokens still shows what it can do."""
+        stages = (metrics or {}).get("stages") or {}
+        return cls.from_entry(
+            {
+                "score_rows_per_s": (stages.get("score") or {}).get("rows_per_busy_s"),
+                "tokenize_rows_per_s": (stages.get("tokenize") or {}).get("rows_per_busy_s"),
+            }
+        )
+
+
+def rates_key(cfg: JobConfig, device: str) -> str:
+    """The cache key of ``cfg``'s rates on ``device`` (a GPU type, ``cuda`` or ``cpu``): the
+    model as given, precision, dtype, max_length and long_docs."""
+    return f"{cfg.model}|{cfg.precision}|{cfg.dtype}|{device}|{cfg.max_length}|{cfg.long_docs}"
+
+
+def cache_path(cfg: JobConfig) -> Path:
+    """The rates file under ``cfg``'s cache root."""
+    return Path(cfg.model_cache_dir or storage.default_cache_dir()) / RATES_FILE
+
+
+def read_rates(path: Path, key: str) -> StageRates | None:
+    """The rates stored under ``key``, or None (no file, no entry, unreadable file)."""
+    return StageRates.from_entry(json_cache.read_entry(path, key))
+
+
+def remember_rates(path: Path, key: str, metrics: dict[str, Any] | None) -> StageRates | None:
+    """Store the rates ``metrics`` measured under ``key``; returns them, or None when there
+    were none or the file could not be written (logged: a cache never fails a run)."""
+    rates = StageRates.from_metrics(metrics)
+    if rates is None:
+        log.debug("no stage rates to remember for %s: a stage did no work", key)
+        return None
+    try:
+        json_cache.write_entry(path, key, asdict(rates))
+    except OSError as err:
+        log.warning("could not remember the stage rates in %s: %s", path, err)
+        return None
+    log.debug("remembered the stage rates for %s in %s: %s", key, path, rates)
+    return rates
