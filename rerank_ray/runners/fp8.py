@@ -63,11 +63,11 @@ def quantize_rows(x: torch.Tensor) -> Fp8Rows:
     scale, not a division by zero."""
     x = x.float()
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    # One correctly rounded division (a Python float over a tensor would be a reciprocal then
-    # a product: two roundings), so the Triton kernels reproduce it bit for bit.
-    inv = torch.div(amax.new_full((), E4M3_MAX), amax)
-    q = (x * inv).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return Fp8Rows(q, amax / E4M3_MAX)
+    # Correctly rounded divisions by a tensor (by a Python float, CUDA multiplies by its
+    # reciprocal: two roundings), so the Triton kernels reproduce both bit for bit.
+    e4m3_max = amax.new_full((), E4M3_MAX)
+    q = (x * torch.div(e4m3_max, amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return Fp8Rows(q, torch.div(amax, e4m3_max))
 
 
 def quantize_weight(w: torch.Tensor) -> Fp8Weight:
