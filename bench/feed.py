@@ -125,6 +125,7 @@ def run_job(
         "scoring_first_call_s": score.get("first_call_s"),
         "gpu_utilization_mean_pct": [a.get("gpu_utilization_mean_pct") for a in scorers],
         "tokenize_actors_used": tok.get("actors"),
+        "tokenize_pool": metrics.get("tokenize_pool"),
         "tokenize_busy_fraction": tok.get("busy_fraction"),
         "tokenize_rows_per_busy_s": tok.get("rows_per_busy_s"),
         "tokens_per_pair": round(score["tokens"] / score["pairs"], 1)
