@@ -173,6 +173,9 @@ def main() -> None:
     )
     parser.add_argument("--pairs", default="minilm=600000,bge-m3=400000")
     parser.add_argument("--flag-pairs", default="minilm=20000,bge-m3=4000")
+    parser.add_argument(
+        "--ray-data-logs", action="store_true", help="copy each job's Ray Data log into --out"
+    )
     args = parser.parse_args()
     pairs = dict((k, int(v)) for k, v in (p.split("=") for p in args.pairs.split(",")))
     flag_pairs = dict((k, int(v)) for k, v in (p.split("=") for p in args.flag_pairs.split(",")))
@@ -204,6 +207,9 @@ def main() -> None:
                 run_job(model_dir, args.work / name / "input", out_dir, flags, env_vars)
             )
             print(name, json.dumps(entry["jobs"][-1]), flush=True)
+            if args.ray_data_logs:  # Ray Data's own operator log of the job's Ray session
+                logs = Path("/tmp/ray/session_latest/logs/ray-data")
+                shutil.copytree(logs, args.out / f"ray-data-{name}-{k}", dirs_exist_ok=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "feed.json").write_text(json.dumps(report, indent=1) + "\n")
         try:
