@@ -185,9 +185,16 @@ def _add_layer_norm_e4m3(y, x, weight, bias, eps: float) -> torch.Tensor:
     return y
 
 
-def self_check(device: torch.device, dtype: torch.dtype, fused: bool) -> tuple[str | None, bool]:
-    """Run the FP8 GEMM (and with ``fused`` the FP8 quantization kernels) once on small inputs
-    against the emulated math: ``(problem, fused_ok)``. ``problem`` is None when the GEMM
+def self_check(
+    device: torch.device,
+    dtype: torch.dtype,
+    fused: bool,
+    hidden: int = 96,
+    intermediate: int = 160,
+) -> tuple[str | None, bool]:
+    """Run the FP8 GEMM (and with ``fused`` the FP8 quantization kernels, on rows of the
+    model's ``hidden`` and ``intermediate`` widths: the variants its forward runs, compiled
+    once) on small inputs against the emulated math: ``(problem, fused_ok)``. ``problem`` is None when the GEMM
     agrees, else why not (then FP8 cannot run here); ``fused_ok`` whether the kernels agree
     (else the runner quantizes with PyTorch ops). The factory calls it at actor start."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -207,16 +214,23 @@ def self_check(device: torch.device, dtype: torch.dtype, fused: bool) -> tuple[s
     if not fused:
         return None, False
     try:
-        y, r, lw, lb = randn(37, 96), randn(37, 96), randn(96), randn(96)
+        y, r, lw, lb = randn(37, hidden), randn(37, hidden), randn(hidden), randn(hidden)
         y, q, scale = kernels.add_layer_norm_e4m3_(y, r, lw, lb, 1e-5)
         ref = quantize_rows(y)
-        h = randn(37, 160) * 3
+        a = randn(37, hidden)
+        aq, as_ = kernels.rows_e4m3(a)
+        h = randn(37, intermediate) * 3
         hq, hs = kernels.rows_e4m3(h, gelu=True)
         href = quantize_rows(kernels.gelu_(h.clone()))
     except Exception as e:  # compile or launch failure: report it, the caller falls back
         logger.warning("FP8 quantization kernels off, PyTorch ops instead: %s", e)
         return None, False
-    for name, (gq, gs), (wq, ws) in (("add+LayerNorm", (q, scale), ref), ("GELU", (hq, hs), href)):
+    kernel_results = (
+        ("add+LayerNorm", (q, scale), ref),
+        ("rows", (aq, as_), quantize_rows(a)),
+        ("GELU", (hq, hs), href),
+    )
+    for name, (gq, gs), (wq, ws) in kernel_results:
         # equal, or one e4m3 step (1/8 relative) apart where float32 rounding differs at a tie
         want = wq.float() * ws
         err = ((gq.float() * gs - want).abs() / (want.abs() / 8 + ws / 512)).max().item()
@@ -231,7 +245,9 @@ def fp8_options(cfg, device: torch.device, dtype: torch.dtype, options) -> dict:
     the cuda path, quantization fused where those kernels run and pass the FP8 self-check.
     Raises ``ValueError`` (with why) where the FP8 GEMM itself fails its check."""
     opts = packed.kernel_options(cfg, device, dtype, options)
-    problem, fused_ok = self_check(device, dtype, fused=opts["fused_layer_norm"])
+    problem, fused_ok = self_check(
+        device, dtype, opts["fused_layer_norm"], cfg.hidden_size, cfg.intermediate_size
+    )
     if problem:
         raise ValueError(problem)
     return {

@@ -207,11 +207,15 @@ def varlen_attention(
     return out
 
 
-def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str | None:
-    """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm,
-    GELU and (given a supported ``head_dim``) the attention. None when they all agree, else why
-    not (a Triton that cannot compile for this GPU, a wrong result). The scorer calls it at
-    actor start and keeps the eager ops when it fails."""
+def self_check(
+    device: torch.device, dtype: torch.dtype, head_dim: int | None = None, width: int = 96
+) -> str | None:
+    """Run each kernel once on a small input and compare with eager PyTorch: add+LayerNorm
+    (rows of ``width``: the model's hidden size, so the variant compiled here is the one its
+    forward runs, not one more compile on a fresh node), GELU and (given a supported
+    ``head_dim``) the attention. None when they all agree, else why not (a Triton that cannot
+    compile for this GPU, a wrong result). The scorer calls it at actor start and keeps the
+    eager ops when it fails."""
     import torch.nn.functional as F
 
     tol = 0.05 if dtype == torch.bfloat16 else 0.01
@@ -222,8 +226,8 @@ def self_check(device: torch.device, dtype: torch.dtype, head_dim: int | None = 
         def randn(*shape, scale=1.0):
             return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
 
-        y, x, w, b = randn(64, 96), randn(64, 96), randn(96), randn(96)
-        want = F.layer_norm((y + x).float(), (96,), w.float(), b.float(), 1e-5)
+        y, x, w, b = randn(64, width), randn(64, width), randn(width), randn(width)
+        want = F.layer_norm((y + x).float(), (width,), w.float(), b.float(), 1e-5)
         got = add_layer_norm_(y.clone(), x, w, b, 1e-5).float()
         checks.append(("add+LayerNorm", got, want, tol))
         h = randn(64, 96, scale=3.0)

@@ -37,7 +37,7 @@ def kernel_options(cfg, device: torch.device, dtype: torch.dtype, options) -> di
     triton_attention = half and kernels.attention_supported(head_dim)
     fused = options.fused_kernels and kernels.available(device)
     checked_head = head_dim if triton_attention else None
-    if fused and (problem := kernels.self_check(device, dtype, checked_head)):
+    if fused and (problem := kernels.self_check(device, dtype, checked_head, cfg.hidden_size)):
         logger.warning("Fused kernels off on this GPU, eager ops instead: %s", problem)
         fused = False
     return {

@@ -158,6 +158,11 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
         }
 out["fp8_kernels"] = mismatches
 out["fp8_self_check"] = list(fp8.self_check(torch.device("cpu"), torch.float32, fused=True))
+# at a model's own widths (the variants its forward compiles), here a small model's
+out["fp8_self_check_widths"] = list(
+    fp8.self_check(torch.device("cpu"), torch.float32, True, 128, 512)
+)
+out["self_check_width"] = kernels.self_check(torch.device("cpu"), torch.float32, None, 128)
 plain = fp8.Fp8Encoder(xlmr16, path="emulate").score(ids, offsets, None)
 fused_fp8 = fp8.Fp8Encoder(
     xlmr16, path="emulate", attention="triton", fused_layer_norm=True, triton_gelu=True,

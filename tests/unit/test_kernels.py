@@ -154,6 +154,8 @@ def test_fp8_quantization_kernels_equal_pytorch_quantization_bit_for_bit(interpr
         assert r["ln_q"] == r["gelu_q"] == r["rows_q"] == 0, (key, r)
         assert r["ln_scale"] == r["gelu_scale"] == r["rows_scale"] == 0.0, (key, r)
     assert interpreted["fp8_self_check"] == [None, True]
+    assert interpreted["fp8_self_check_widths"] == [None, True]
+    assert interpreted["self_check_width"] is None
 
 
 def test_fp8_encoder_with_fused_kernels_matches_it_without(interpreted):
