@@ -190,6 +190,7 @@ class Pools:
     scorer_calls: int  # concurrent calls per scoring actor
     tokenize_bounds: tuple[int, int]  # (min, max) tokenize actors
     tokenize_start: int  # tokenize actors the pool starts with
+    batch_rows: int  # rows per block handed to each stage
     rates_key: str  # the key of this run's stage rates in the rates file
     measured_rates: rates.StageRates | None  # an earlier run's rates that sized the pool
 
@@ -219,8 +220,9 @@ def _autoscaler_max() -> tuple[float | None, float | None]:
     return reach.get("CPU"), reach.get("GPU")
 
 
-def plan_pools(cfg: JobConfig) -> Pools:
-    """The scoring and tokenize pools for this cluster and config.
+def plan_pools(cfg: JobConfig, rows: int | None = None) -> Pools:
+    """The scoring and tokenize pools for this cluster and config, and the rows per block
+    (``rates.block_rows``; ``rows``: the rows to score, when known).
 
     A fixed scoring pool (``--num-actors`` or the default) that the cluster cannot place,
     now or through its autoscaler, raises ``ClusterError`` with the numbers and the fix; an
@@ -260,9 +262,10 @@ def plan_pools(cfg: JobConfig) -> Pools:
     if autoscaling and cfg.tokenize_actors is None:
         high = max(high, cfg.max_actors)  # the cluster grows with the scoring pool
     key = rates.rates_key(cfg, device_kind(resources, use_gpu))
-    measured = rates.read_rates(rates.cache_path(cfg), key) if low < high else None
+    measured = rates.read_rates(rates.cache_path(cfg), key)
     # Within what the CPUs present now hold: actors beyond them would only wait for nodes.
     start = tokenize_pool_start(scorers, measured, low, fits_now)
+    block = rates.block_rows(cfg.batch_rows, measured, rows, start)
     # Ray Data's autoscaler adds tokenize actors while blocks queue at their input and
     # removes idle ones, down to the floor; a pinned size is one fixed pool. The pool starts
     # at the size an earlier run's rates call for, so a short job does not spend its first
@@ -314,7 +317,9 @@ def plan_pools(cfg: JobConfig) -> Pools:
         low if low == high else f"{low}-{high} (autoscaling)",
         "" if low == high else "; " + _start_reason(start, measured),
     )
-    return Pools(use_gpu, score, tokenize, calls, (low, high), start, key, measured)
+    if block != rates.DEFAULT_BLOCK_ROWS and cfg.batch_rows is None:
+        log.info("blocks of %d rows (a fast scoring actor in an earlier run)", block)
+    return Pools(use_gpu, score, tokenize, calls, (low, high), start, block, key, measured)
 
 
 def _start_reason(start: int, measured: rates.StageRates | None) -> str:

@@ -167,8 +167,9 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
 def _write(cfg, plan, out, todo, transform, sink, report, resumed_rows):
     """Build the Dataset, write it through the sink (which commits), write the report and
     remember the stages' rates for the next run of this model."""
-    pools = cluster.plan_pools(cfg)
+    pools = cluster.plan_pools(cfg, rows=plan.num_rows - resumed_rows)
     report.note("tokenize_pool", pools.tokenize_plan())
+    report.note("batch_rows", pools.batch_rows)
     ds = build_dataset(cfg, plan, out.s3, paths=todo, pools=pools)
     if transform is not None:
         if not source.has_own_path_column(plan):
@@ -217,7 +218,7 @@ def build_dataset(
 ):
     """The lazy Dataset graph: read -> repartition -> tokenize (CPU) -> score (GPU/CPU), on
     ``pools`` (planned for this cluster when not given)."""
-    pools = pools or cluster.plan_pools(cfg)
+    pools = pools or cluster.plan_pools(cfg, rows=plan.num_rows)
     ds = source.read_dataset(plan, cfg, paths)
     if dropped := _dropped_passthrough(cfg, plan):
         ds = ds.drop_columns(dropped)
@@ -225,8 +226,8 @@ def build_dataset(
     # block: scoring would wait until a whole shard (of any size) was tokenized, and a few
     # large shards would spread unevenly over many GPUs. Streaming repartition (no barrier)
     # cuts blocks to batch_rows rows, so tokenized rows reach the GPUs a batch at a time.
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_rows)
-    common = {"batch_size": cfg.batch_rows, "batch_format": "pyarrow"}
+    ds = ds.repartition(target_num_rows_per_block=pools.batch_rows)
+    common = {"batch_size": pools.batch_rows, "batch_format": "pyarrow"}
     ds = ds.map_batches(
         TokenizeOnNode,
         fn_constructor_kwargs={"cfg": cfg, "s3": s3},

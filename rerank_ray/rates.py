@@ -1,10 +1,12 @@
-"""The stages' measured rates per model, remembered between runs to size the tokenize pool.
+"""The stages' measured rates per model, remembered between runs to size the tokenize pool
+and the blocks.
 
 After a committed run, ``remember_rates`` keeps what one busy scoring actor and one busy
 tokenize actor did per second (the run's ``metrics.stages``) in ``stage_rates.json`` under the
 cache root (``storage.default_cache_dir()`` or ``--model-cache-dir``), keyed by what changes
 those rates (``rates_key``). The next run of the same key starts its tokenize pool at the size
-they call for (``cluster.tokenize_pool_start``). Deleting the file forgets them.
+they call for (``cluster.tokenize_pool_start``), and cuts blocks as large as a fast scorer
+needs (``block_rows``). Deleting the file forgets them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,14 @@ from rerank_ray import json_cache, storage
 from rerank_ray.config import JobConfig
 
 RATES_FILE = "stage_rates.json"
+DEFAULT_BLOCK_ROWS = 2048
+MAX_BLOCK_ROWS = 8192
+# Each block costs a scoring actor a hand-off between Ray Data's actors besides its own work
+# (bench/README.md measured ~18 ms): blocks of at least this much scoring keep that small.
+BLOCK_SCORING_S = 0.1
+# At least this many blocks per tokenize actor the pool starts with, so a small input still
+# spreads over every actor.
+BLOCKS_PER_TOKENIZER = 4
 
 log = logging.getLogger("rerank_ray")
 
@@ -88,3 +98,23 @@ def remember_rates(path: Path, key: str, metrics: dict[str, Any] | None) -> Stag
         return None
     log.debug("remembered the stage rates for %s in %s: %s", key, path, rates)
     return rates
+
+
+def block_rows(
+    pinned: int | None, measured: StageRates | None, rows: int | None, tokenizers: int
+) -> int:
+    """Rows per block handed to each stage: ``pinned`` (``--batch-rows``) when given; else
+    ``DEFAULT_BLOCK_ROWS``, raised (by powers of two, up to ``MAX_BLOCK_ROWS``) when an earlier
+    run ``measured`` a scoring actor fast enough to finish such a block in under
+    ``BLOCK_SCORING_S``, as long as the input's ``rows`` still make ``BLOCKS_PER_TOKENIZER``
+    blocks for each of the ``tokenizers`` the pool starts with."""
+    if pinned is not None:
+        return pinned
+    size = DEFAULT_BLOCK_ROWS
+    if measured is None:
+        return size
+    wanted = measured.score_rows_per_s * BLOCK_SCORING_S
+    limit = rows / (BLOCKS_PER_TOKENIZER * max(tokenizers, 1)) if rows else math.inf
+    while size < wanted and size * 2 <= min(MAX_BLOCK_ROWS, limit):
+        size *= 2
+    return size

@@ -1,5 +1,6 @@
 """The whole job on a real local Ray instance with local files."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -300,6 +301,28 @@ def test_each_shard_reaches_the_pipeline_as_its_own_bundle(ray_local, tmp_path):
     bundles = list(read_dataset(plan, cfg).iter_internal_ref_bundles())
     assert len(bundles) == 8
     assert sorted(b.num_rows() for b in bundles) == [500] * 8
+
+
+def test_remembered_fast_scoring_grows_the_blocks(ray_local, tiny_model_dir, tmp_path):
+    """The rates an earlier run of the model left in the cache decide the block size: none
+    remembered, the default; a scoring actor as fast as a MiniLM-size one on an H200, the
+    largest blocks (the input is large enough to spread them over the tokenize actor)."""
+    import ray
+
+    from rerank_ray import cluster, rates
+
+    cfg = local_job(tmp_path, tiny_model_dir, model_cache_dir=str(tmp_path / "cache"))
+    cfg = cfg.with_defaults_resolved()
+    assert cluster.plan_pools(cfg, rows=100_000).batch_rows == rates.DEFAULT_BLOCK_ROWS
+    key = rates.rates_key(cfg, cluster.device_kind(ray.cluster_resources(), use_gpu=False))
+    measured = {"stages": {"score": {"rows_per_busy_s": 72_425.2}, "tokenize": {"rows_per_busy_s": 3_734.2}}}  # fmt: skip
+    rates.remember_rates(rates.cache_path(cfg), key, measured)
+    pools = cluster.plan_pools(cfg, rows=100_000)
+    assert pools.measured_rates == rates.StageRates(72_425.2, 3_734.2)
+    assert pools.batch_rows == rates.MAX_BLOCK_ROWS
+    # ... and stays at what --batch-rows says when it is given
+    pinned = cluster.plan_pools(dataclasses.replace(cfg, batch_rows=300), rows=100_000)
+    assert pinned.batch_rows == 300
 
 
 def test_a_large_shard_reaches_the_scorer_a_batch_at_a_time(ray_local, tiny_model_dir, tmp_path):

@@ -20,8 +20,11 @@ from rerank_ray.cluster import (
 )
 from rerank_ray.config import JobConfig
 from rerank_ray.rates import (
+    DEFAULT_BLOCK_ROWS,
+    MAX_BLOCK_ROWS,
     RATES_FILE,
     StageRates,
+    block_rows,
     rates_key,
     read_rates,
     remember_rates,
@@ -240,3 +243,28 @@ def test_an_unwritable_rates_file_is_logged_not_raised(tmp_path, caplog):
     assert remember_rates(path, "key", _run_metrics()) is None
     assert "could not remember the stage rates" in caplog.text
     assert read_rates(path, "key") is None
+
+
+# Rows per busy second measured on an H200 (bench/results/2026-11-30-h200*-feed-*.json): a
+# MiniLM-L6-size scorer and a bge-reranker-v2-m3-size one, and one WordPiece tokenize actor.
+SMALL_MODEL = StageRates(score_rows_per_s=72_425.2, tokenize_rows_per_s=3_734.2)
+LARGE_MODEL = StageRates(score_rows_per_s=7_923.9, tokenize_rows_per_s=5_372.3)
+
+
+def test_a_fast_scorer_gets_larger_blocks_a_slow_one_the_default():
+    rows = 600_000
+    assert block_rows(None, SMALL_MODEL, rows, tokenizers=13) == MAX_BLOCK_ROWS
+    assert block_rows(None, LARGE_MODEL, rows, tokenizers=3) == DEFAULT_BLOCK_ROWS
+    middle = StageRates(score_rows_per_s=30_000, tokenize_rows_per_s=4_000)
+    assert DEFAULT_BLOCK_ROWS < block_rows(None, middle, rows, tokenizers=8) < MAX_BLOCK_ROWS
+
+
+def test_blocks_stay_small_enough_to_spread_a_small_input_over_the_tokenizers():
+    assert block_rows(None, SMALL_MODEL, 20_000, tokenizers=13) == DEFAULT_BLOCK_ROWS
+    # 4 blocks for each of 13 tokenizers: 4096-row blocks fit 213,000 rows, 8192 do not
+    assert block_rows(None, SMALL_MODEL, 213_000, tokenizers=13) == 4096
+
+
+def test_without_rates_or_with_batch_rows_given_the_block_size_is_not_derived():
+    assert block_rows(None, None, 600_000, tokenizers=13) == DEFAULT_BLOCK_ROWS
+    assert block_rows(500, SMALL_MODEL, 600_000, tokenizers=13) == 500
