@@ -22,6 +22,7 @@ _ARCHITECTURES = {
 # Settings the encoder reads; from_checkpoint wants each written out in config.json.
 _CONFIG_KEYS = (
     "hidden_size",
+    "intermediate_size",
     "num_attention_heads",
     "num_hidden_layers",
     "hidden_act",

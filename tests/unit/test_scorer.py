@@ -122,7 +122,7 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     cpu = torch.device("cpu")
     monkeypatch.setattr(kernels, "available", lambda device: True)
     monkeypatch.setattr(
-        kernels, "self_check", lambda device, dtype, head_dim: "CompilationError: sm_52"
+        kernels, "self_check", lambda device, dtype, head_dim, width: "CompilationError: sm_52"
     )
     with caplog.at_level("WARNING", logger="rerank_ray.runners.packed"):
         runner = packed.from_model(model, cpu, torch.float32, RunnerOptions())
@@ -130,7 +130,7 @@ def test_fused_kernels_fall_back_to_eager_ops_when_their_check_fails(
     assert runner.attention != "triton"
     assert "Fused kernels off" in caplog.text and "CompilationError: sm_52" in caplog.text
 
-    def must_not_run(device, dtype, head_dim):
+    def must_not_run(device, dtype, head_dim, width):
         raise AssertionError("self_check ran with fused_kernels off")
 
     monkeypatch.setattr(kernels, "self_check", must_not_run)
@@ -161,7 +161,9 @@ def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     monkeypatch.setattr(kernels, "available", lambda device: True)
     checked = []
     monkeypatch.setattr(
-        kernels, "self_check", lambda device, dtype, head_dim: checked.append(head_dim)
+        kernels,
+        "self_check",
+        lambda device, dtype, head_dim, width: checked.append((head_dim, width)),
     )
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     supported = kernels.attention_supported(head_dim)
@@ -172,8 +174,10 @@ def test_packed_runner_uses_the_triton_attention_only_for_16_bit_weights(
     full = packed.from_model(model, cpu, torch.float32, RunnerOptions())
     assert full.fused_layer_norm is True and full.attention != "triton"
     assert full.triton_gelu is False
-    # float32 checks only add+LayerNorm and GELU: no attention kernel to check, none to fail.
-    assert checked == [head_dim if supported else None, None]
+    # float32 checks only add+LayerNorm and GELU: no attention kernel to check, none to fail;
+    # add+LayerNorm at the model's hidden size, the variant its forward compiles.
+    width = model.config.hidden_size
+    assert checked == [(head_dim if supported else None, width), (None, width)]
     # --fast-gelu puts the (tanh) GELU in the matmul epilogue: no separate GELU pass then.
     opts = packed.kernel_options(model.config, cpu, torch.float16, RunnerOptions(fast_gelu=True))
     assert opts["gelu_epilogue"] is True and opts["triton_gelu"] is False
