@@ -24,7 +24,7 @@ RATES_FILE = "stage_rates.json"
 DEFAULT_BLOCK_ROWS = 2048
 MAX_BLOCK_ROWS = 8192
 # Each block costs a scoring actor a hand-off between Ray Data's actors besides its own work
-# (bench/README.md measured ~18 ms): blocks of at least this much scoring keep that small.
+# (measured in bench/README.md): blocks of at least this much scoring keep that small.
 BLOCK_SCORING_S = 0.1
 # At least this many blocks per tokenize actor the pool starts with, so a small input still
 # spreads over every actor.

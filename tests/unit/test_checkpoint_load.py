@@ -106,9 +106,7 @@ def test_reading_the_checkpoint_imports_no_transformers(tiny_model_dir):
         "assert e is not None\n"
         "print('transformers' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert _printed_by(code) == "False"
 
 
 def test_the_runners_import_without_ray_and_run_still_resolves():
@@ -121,6 +119,11 @@ def test_the_runners_import_without_ray_and_run_still_resolves():
         "import rerank_ray, rerank_ray.pipeline\n"
         "assert rerank_ray.run is rerank_ray.pipeline.run\n"
     )
+    assert _printed_by(code) == "False"
+
+
+def _printed_by(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter (which must exit cleanly)."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    return done.stdout.strip()
