@@ -178,15 +178,14 @@ class JobConfig:
             raise ConfigError(
                 f"`min_actors` ({self.min_actors}) is larger than `max_actors` ({self.max_actors})."
             )
-        if (
-            (self.tokenize_actors is not None and self.tokenize_actors < 1)
-            or (self.batch_rows is not None and self.batch_rows < 1)
-            or self.rows_per_file < 1
-            or self.scorer_calls < 1
-        ):
+        counts = ("tokenize_actors", "batch_rows", "rows_per_file", "scorer_calls")
+        if bad := [
+            f"`{n}` is {v}" for n in counts if (v := getattr(self, n)) is not None and v < 1
+        ]:
             raise ConfigError(
-                "`tokenize_actors`, `batch_rows`, `rows_per_file` and `scorer_calls` must be "
-                "positive integers."
+                f"{', '.join(bad)}: `tokenize_actors`, `batch_rows`, `rows_per_file` and "
+                "`scorer_calls` must be positive integers (--tokenize-actors, --batch-rows, "
+                "--rows-per-file, --scorer-calls)."
             )
         if self.token_budget is not None and self.token_budget < self.max_length:
             raise ConfigError(

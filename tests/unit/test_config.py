@@ -103,3 +103,10 @@ def test_resolved_defaults_are_fixed_once():
 def test_tokenize_actors_must_be_positive():
     with pytest.raises(ConfigError, match="tokenize_actors"):
         JobConfig.from_dict({**BASE, "tokenize_actors": 0})
+
+
+def test_a_count_below_one_is_an_error_naming_the_field_and_its_value():
+    with pytest.raises(ConfigError, match=r"`batch_rows` is 0.*--batch-rows"):
+        JobConfig(input="a", output="b", batch_rows=0)
+    with pytest.raises(ConfigError, match=r"`scorer_calls` is -1"):
+        JobConfig(input="a", output="b", scorer_calls=-1)
