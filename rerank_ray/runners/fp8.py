@@ -194,9 +194,10 @@ def self_check(
 ) -> tuple[str | None, bool]:
     """Run the FP8 GEMM (and with ``fused`` the FP8 quantization kernels, on rows of the
     model's ``hidden`` and ``intermediate`` widths: the variants its forward runs, compiled
-    once) on small inputs against the emulated math: ``(problem, fused_ok)``. ``problem`` is None when the GEMM
-    agrees, else why not (then FP8 cannot run here); ``fused_ok`` whether the kernels agree
-    (else the runner quantizes with PyTorch ops). The factory calls it at actor start."""
+    once) on small inputs against the emulated math: ``(problem, fused_ok)``. ``problem`` is
+    None when the GEMM agrees, else why not (then FP8 cannot run here); ``fused_ok`` whether
+    the kernels agree (else the runner quantizes with PyTorch ops). The factory calls it at
+    actor start."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def randn(*shape):
