@@ -9,11 +9,13 @@ Models (random weights: speed does not depend on their values):
 - ``bge-m3``: the bge-reranker-v2-m3 shape (XLM-R large) with an XLM-R-style unigram
   tokenizer trained on the workload's text (``tokenize_rate.save_unigram_tokenizer``).
 
-Workload: ``tokenize_rate.make_blocks`` (English prose, ~100 documents per query), written as
-Parquet shards. Each job is ``python -m rerank_ray.cli run`` in its own process, with default
+Workload: ``tokenize_rate.make_blocks`` (English prose, ~100 documents per query; documents of
+``--doc-words`` words: 60-120 give ~127 tokens per pair with the MiniLM tokenizer, 46-93 ~102),
+written as Parquet shards. Each job is ``python -m rerank_ray.cli run`` in its own process, with default
 flags plus the variant's (``--jobs``), so it pays its own Ray start, as a user's run does.
-Per job: wall seconds, rows scored, and the run's metrics from its manifest (the scoring
-actors' busy share, the tokenize actors the pool used). FlagReranker (fp16, batch 128) scores
+Per job: wall seconds, rows scored, the run's metrics from its manifest (the scoring
+actors' busy share, the tokenize actors the pool used), and a timeline: when the job's output
+showed Ray started, the pools planned and the run committed, and when the process exited. FlagReranker (fp16, batch 128) scores
 ``--flag-pairs`` of the same pairs after the jobs, in this process. Writes ``feed.json``.
 """
 
@@ -40,6 +42,12 @@ import torch  # noqa: E402
 from tokenize_rate import corpus_lines, make_blocks, prose_words, save_unigram_tokenizer  # noqa: E402
 
 SHARD_BLOCKS = 25  # 2,048-row blocks per Parquet shard
+# A job's output lines that mark its phases (the first line holding each).
+TIMELINE_MARKERS = {
+    "ray_started": "Started a local Ray instance",
+    "pools_planned": "actor pools:",
+    "committed": " committed: ",
+}
 DEFAULT_JOBS = "minilm:default,minilm:--tokenize-actors=14,bge-m3:default,bge-m3:--precision=fp8"
 
 
@@ -78,12 +86,12 @@ def build_model(name: str, folder: Path, minilm_tokenizer: Path, texts: list[str
     return folder
 
 
-def write_input(folder: Path, words: list[str], pairs: int) -> int:
+def write_input(folder: Path, words: list[str], pairs: int, doc_words: tuple[int, int]) -> int:
     """Parquet shards of ``pairs`` rows (rounded up to whole blocks), replacing any earlier
     input there; the rows written."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    blocks = make_blocks(words, -(-pairs // 2048), seed=1)
+    blocks = make_blocks(words, -(-pairs // 2048), seed=1, doc_words=doc_words)
     for k in range(0, len(blocks), SHARD_BLOCKS):
         pq.write_table(pa.concat_tables(blocks[k : k + SHARD_BLOCKS]), folder / f"p{k:05d}.parquet")
     return sum(b.num_rows for b in blocks)
@@ -103,10 +111,20 @@ def run_job(
     cmd = [sys.executable, "-m", "rerank_ray.cli", "run", "--input", str(input_dir)]
     cmd += ["--output", str(out_dir), "--model", str(model_dir), *flags]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines, timeline = [], {}
+    for line in proc.stdout:  # stamped as they come: where the seconds outside the run went
+        lines.append(line.rstrip())
+        for key, marker in TIMELINE_MARKERS.items():
+            if marker in line and key not in timeline:
+                timeline[key] = round(time.perf_counter() - t0, 2)
+    returncode = proc.wait()
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"flags": flags, "error": (proc.stderr or proc.stdout)[-3000:]}
+    timeline["exit"] = round(wall, 2)
+    if returncode != 0:
+        return {"flags": flags, "error": "\n".join(lines)[-3000:]}
     manifest = json.loads(next((out_dir / "_manifests").glob("*.json")).read_text())
     metrics = manifest.get("metrics", {})
     stages = metrics.get("stages", {})
@@ -126,15 +144,17 @@ def run_job(
         "gpu_utilization_mean_pct": [a.get("gpu_utilization_mean_pct") for a in scorers],
         "tokenize_actors_used": tok.get("actors"),
         "tokenize_pool": metrics.get("tokenize_pool"),
+        "batch_rows": metrics.get("batch_rows"),
         "tokenize_busy_fraction": tok.get("busy_fraction"),
         "tokenize_rows_per_busy_s": tok.get("rows_per_busy_s"),
         "tokens_per_pair": round(score["tokens"] / score["pairs"], 1)
         if score.get("pairs")
         else None,
         "startup_s": metrics.get("startup_s"),
+        "manifest_wall_s": manifest.get("wall_time_s"),
+        "timeline_s": timeline,
         "score_actor_setup_s": [a.get("setup_seconds") for a in scorers],
-        "summary_line": proc.stdout.strip().splitlines()[-1:]
-        or proc.stderr.strip().splitlines()[-1:],
+        "summary_line": [next((x for x in reversed(lines) if "committed:" in x), "")],
     }
 
 
@@ -174,11 +194,15 @@ def main() -> None:
     parser.add_argument("--pairs", default="minilm=600000,bge-m3=400000")
     parser.add_argument("--flag-pairs", default="minilm=20000,bge-m3=4000")
     parser.add_argument(
+        "--doc-words", default="60-120", help="MIN-MAX words per document (module docstring)"
+    )
+    parser.add_argument(
         "--ray-data-logs", action="store_true", help="copy each job's Ray Data log into --out"
     )
     args = parser.parse_args()
     pairs = dict((k, int(v)) for k, v in (p.split("=") for p in args.pairs.split(",")))
     flag_pairs = dict((k, int(v)) for k, v in (p.split("=") for p in args.flag_pairs.split(",")))
+    doc_words = tuple(int(v) for v in args.doc_words.split("-"))
     report = {
         "what": "job end to end (CLI, default flags + variant), real subword tokenizers",
         "date": dt.date.today().isoformat(),
@@ -186,6 +210,7 @@ def main() -> None:
         "cpus": len(os.sched_getaffinity(0)),
         "gpus": torch.cuda.device_count(),
         "torch": torch.__version__,
+        "doc_words": list(doc_words),
         "models": {},
     }
     words = prose_words(corpus_lines())
@@ -194,7 +219,7 @@ def main() -> None:
     for name in dict.fromkeys(m for m, _ in jobs):
         t0 = time.perf_counter()
         model_dir = build_model(name, args.work / name / "model", args.minilm_tokenizer, texts)
-        rows = write_input(args.work / name / "input", words, pairs[name])
+        rows = write_input(args.work / name / "input", words, pairs[name], doc_words)
         entry = report["models"].setdefault(name, {"pairs": rows, "jobs": []})
         entry["setup_s"] = round(time.perf_counter() - t0, 1)
         for k, (_, spec) in enumerate(j for j in jobs if j[0] == name):

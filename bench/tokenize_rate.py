@@ -90,8 +90,11 @@ def prose_words(lines: list[str]) -> list[str]:
     return [w for line in lines for w in line.split() if _WORD.match(w)]
 
 
-def make_blocks(words: list[str], blocks: int, seed: int = 0) -> list[pa.Table]:
-    """``blocks`` tables of 2,048 (query, doc) rows, 20 distinct queries each."""
+def make_blocks(
+    words: list[str], blocks: int, seed: int = 0, doc_words: tuple[int, int] = (60, 120)
+) -> list[pa.Table]:
+    """``blocks`` tables of 2,048 (query, doc) rows, 20 distinct queries each; queries of 6-20
+    words, documents of ``doc_words`` (min, max) words."""
     rng = np.random.default_rng(seed)
 
     def window(lo: int, hi: int) -> str:
@@ -110,7 +113,7 @@ def make_blocks(words: list[str], blocks: int, seed: int = 0) -> list[pa.Table]:
                     "query_id": [f"q{b}-{w}" for w in which],
                     "query": [queries[w] for w in which],
                     "doc_id": [str(i) for i in rows],
-                    "doc": [window(60, 120) for _ in rows],
+                    "doc": [window(*doc_words) for _ in rows],
                 }
             )
         )

@@ -164,7 +164,9 @@ def init_ray(cfg: JobConfig) -> None:
     """Join the cluster the environment names (``ray job submit``, RAY_ADDRESS, a local
     ``ray start``) after checking it answers, else start a local instance with at least the
     logical CPUs the job's actors need; with fewer (e.g. on a 2-core machine) the pools
-    would hold every CPU and the read task would never start."""
+    would hold every CPU and the read task would never start. A local instance lives only as
+    long as the job and starts no dashboard, which would add to Ray's start-up; to watch a
+    job in the dashboard, run it on a ``ray start`` cluster (README)."""
     import ray
 
     if ray.is_initialized():
@@ -177,7 +179,7 @@ def init_ray(cfg: JobConfig) -> None:
     scorers = cfg.num_actors or cfg.min_actors or 1
     tokenizers = cfg.tokenize_actors or scorers
     local_cpus = max(available_cpus(), scorers + tokenizers + IO_CPUS)
-    ray.init(num_cpus=local_cpus, log_to_driver=True)
+    ray.init(num_cpus=local_cpus, include_dashboard=False, log_to_driver=True)
 
 
 @dataclass(frozen=True)
