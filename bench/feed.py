@@ -111,8 +111,10 @@ def run_job(
     cmd = [sys.executable, "-m", "rerank_ray.cli", "run", "--input", str(input_dir)]
     cmd += ["--output", str(out_dir), "--model", str(model_dir), *flags]
     t0 = time.perf_counter()
+    # Run from the tree: `python -m` puts the working directory first on sys.path, ahead of
+    # PYTHONPATH, and Ray's workers add the driver's working directory too.
     proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines, timeline = [], {}
     for line in proc.stdout:  # stamped as they come: where the seconds outside the run went

@@ -50,13 +50,18 @@ def tokenize_pool_bounds(scorers: int, cluster_cpus: float, pinned: int | None) 
 
 
 def tokenize_pool_start(
-    scorers: int, measured: rates.StageRates | None, low: int, high: int
+    scorers: int, measured: rates.StageRates | None, low: int, high: int, use_gpu: bool = True
 ) -> int:
     """Tokenize actors to start the pool with: as many as keep ``scorers`` scoring actors busy
-    at the rates an earlier run ``measured``, within [``low``, ``high``]; ``low`` without
-    measured rates. A pinned pool (``low == high``) keeps its size."""
+    at the rates an earlier run ``measured``, within [``low``, ``high``]. A pinned pool
+    (``low == high``) keeps its size.
+
+    Without measured rates (a model's first run here): ``high`` on a GPU, whose scoring actor
+    may outrun every tokenize actor the CPUs hold and would otherwise wait while the pool grows
+    one actor at a time (Ray Data's autoscaler then removes the idle ones); ``low`` on CPU,
+    where tokenize actors racing ahead would take the cores the scoring actors compute on."""
     if measured is None:
-        return low
+        return high if use_gpu else low
     wanted = math.ceil(scorers * measured.score_rows_per_s / measured.tokenize_rows_per_s)
     return min(max(wanted, low), high)
 
@@ -266,7 +271,7 @@ def plan_pools(cfg: JobConfig, rows: int | None = None) -> Pools:
     key = rates.rates_key(cfg, device_kind(resources, use_gpu))
     measured = rates.read_rates(rates.cache_path(cfg), key)
     # Within what the CPUs present now hold: actors beyond them would only wait for nodes.
-    start = tokenize_pool_start(scorers, measured, low, fits_now)
+    start = tokenize_pool_start(scorers, measured, low, fits_now, use_gpu)
     block = rates.block_rows(cfg.batch_rows, measured, rows, start)
     # Ray Data's autoscaler adds tokenize actors while blocks queue at their input and
     # removes idle ones, down to the floor; a pinned size is one fixed pool. The pool starts

@@ -155,9 +155,13 @@ def test_start_is_clamped_to_the_ceiling():
     assert tokenize_pool_start(1, SMALL_MODEL_ON_GPU, low=1, high=13) == 13
 
 
-def test_without_rates_the_pool_starts_at_the_floor():
-    assert tokenize_pool_start(1, None, low=1, high=13) == 1
-    assert tokenize_pool_start(8, None, low=8, high=118) == 8
+def test_without_rates_a_gpu_pool_starts_at_the_ceiling_and_a_cpu_pool_at_the_floor():
+    # A model's first run: a GPU scoring actor may outrun every tokenize actor the CPUs hold.
+    assert tokenize_pool_start(1, None, low=1, high=13, use_gpu=True) == 13
+    assert tokenize_pool_start(8, None, low=8, high=118, use_gpu=True) == 118
+    # On CPU the tokenize actors would take the scoring actors' cores.
+    assert tokenize_pool_start(1, None, low=1, high=13, use_gpu=False) == 1
+    assert tokenize_pool_start(8, None, low=8, high=118, use_gpu=False) == 8
 
 
 def test_a_pinned_pool_keeps_its_size():
