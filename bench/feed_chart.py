@@ -29,10 +29,20 @@ def bars(paths: list[Path]) -> tuple[list[str], list[float], list[float], list[s
                     continue
                 env = job.get("env") or {}
                 used = 1 if env.get("CUDA_VISIBLE_DEVICES") == "0" else gpus
-                flags = " ".join(job["flags"]) or "default"
+                variant = " ".join(job["flags"]) or "default"
+                # What else made the job differ: an older tree, a Ray Data setting (shortened).
+                extra = [
+                    f"{k.split('_')[-1] if k.startswith('RAY_') else k}={v}"
+                    for k, v in env.items()
+                    if k != "CUDA_VISIBLE_DEVICES"
+                ]
+                blocks = f", {job['batch_rows']} rows" if job.get("batch_rows") else ""
                 busy = job.get("scoring_busy_fraction")
                 labels.append(
-                    f"{name}\n{flags}\n{used} GPU" + (f", busy {busy:.0%}" if busy else "")
+                    f"{name}\n~{job.get('tokens_per_pair') or '?'} tok{blocks}\n{variant}"
+                    + (f"\n{' '.join(extra)}" if extra else "")
+                    + f"\n{used} GPU"
+                    + (f", busy {busy:.0%}" if busy else "")
                 )
                 e2e.append(job["end_to_end_pairs_per_s"])
                 span.append(job["scoring_pairs_per_s_in_span"] or 0)
