@@ -29,6 +29,10 @@ BLOCK_SCORING_S = 0.1
 # At least this many blocks per tokenize actor the pool starts with, so a small input still
 # spreads over every actor.
 BLOCKS_PER_TOKENIZER = 4
+# Rates are remembered only from runs whose stages each made at least this many calls: a
+# shorter run (the demo, a smoke test) measures mostly its first calls, which pay one-time
+# costs, and would leave rates the next large run is then sized by.
+MIN_CALLS = 8
 
 log = logging.getLogger("rerank_ray")
 
@@ -57,9 +61,12 @@ class StageRates:
     @classmethod
     def from_metrics(cls, metrics: dict[str, Any] | None) -> StageRates | None:
         """The rates a run measured (the manifest's ``metrics``); None when it has no metrics
-        or a stage did no work. The scoring rate is per busy second, not over the run's span:
-        a scorer starved of tokens still shows what it can do."""
+        or a stage made fewer than ``MIN_CALLS`` calls. The scoring rate is per busy second,
+        not over the run's span: a scorer starved of tokens still shows what it can do."""
         stages = (metrics or {}).get("stages") or {}
+        calls = [(stages.get(s) or {}).get("calls") or 0 for s in ("score", "tokenize")]
+        if min(calls) < MIN_CALLS:
+            return None
         return cls.from_entry(
             {
                 "score_rows_per_s": (stages.get("score") or {}).get("rows_per_busy_s"),
@@ -89,7 +96,7 @@ def remember_rates(path: Path, key: str, metrics: dict[str, Any] | None) -> Stag
     were none or the file could not be written (logged: a cache never fails a run)."""
     rates = StageRates.from_metrics(metrics)
     if rates is None:
-        log.debug("no stage rates to remember for %s: a stage did no work", key)
+        log.debug("no stage rates to remember for %s: a stage made < %d calls", key, MIN_CALLS)
         return None
     try:
         json_cache.write_entry(path, key, asdict(rates))

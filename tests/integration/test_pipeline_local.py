@@ -315,7 +315,7 @@ def test_remembered_fast_scoring_grows_the_blocks(ray_local, tiny_model_dir, tmp
     cfg = cfg.with_defaults_resolved()
     assert cluster.plan_pools(cfg, rows=100_000).batch_rows == rates.DEFAULT_BLOCK_ROWS
     key = rates.rates_key(cfg, cluster.device_kind(ray.cluster_resources(), use_gpu=False))
-    measured = {"stages": {"score": {"rows_per_busy_s": 72_425.2}, "tokenize": {"rows_per_busy_s": 3_734.2}}}  # fmt: skip
+    measured = {"stages": {"score": {"rows_per_busy_s": 72_425.2, "calls": 73}, "tokenize": {"rows_per_busy_s": 3_734.2, "calls": 73}}}  # fmt: skip
     rates.remember_rates(rates.cache_path(cfg), key, measured)
     pools = cluster.plan_pools(cfg, rows=100_000)
     assert pools.measured_rates == rates.StageRates(72_425.2, 3_734.2)

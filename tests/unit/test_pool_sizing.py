@@ -22,6 +22,7 @@ from rerank_ray.config import JobConfig
 from rerank_ray.rates import (
     DEFAULT_BLOCK_ROWS,
     MAX_BLOCK_ROWS,
+    MIN_CALLS,
     RATES_FILE,
     StageRates,
     block_rows,
@@ -175,11 +176,11 @@ def test_device_kind_names_the_gpu_type_when_ray_knows_it():
     assert device_kind(gpu_node, use_gpu=False) == "cpu"
 
 
-def _run_metrics() -> dict:
+def _run_metrics(calls: int = 8) -> dict:
     """A run's metrics: one tokenize actor busy all along at 3,900 rows/s; one scoring actor
-    at 75,000 rows per busy second that waits for tokens between its calls."""
+    at 75,000 rows per busy second that waits for tokens between its ``calls`` calls."""
     m = RunMetrics(0.0)
-    for k in range(4):
+    for k in range(calls):
         m.add({"stage": "tokenize", "actor": "t", "start": k, "end": k + 1.0, "rows": 3_900})
         m.add(
             {
@@ -191,7 +192,7 @@ def _run_metrics() -> dict:
                 "pairs": 3_900,
             }
         )
-    return m.summary(6.0)
+    return m.summary(calls + 2.0)
 
 
 def test_rates_are_per_busy_second_not_what_a_starved_scorer_got():
@@ -201,6 +202,17 @@ def test_rates_are_per_busy_second_not_what_a_starved_scorer_got():
     assert rates.score_rows_per_s == pytest.approx(75_000, rel=1e-3)
     assert StageRates.from_metrics(None) is None
     assert StageRates.from_metrics({"stages": {"tokenize": {"rows_per_busy_s": 3_900.0}}}) is None
+
+
+def test_a_run_of_few_calls_leaves_no_rates(tmp_path):
+    """A short run (the demo) measures mostly its first calls: its rates would size the next
+    large run of the model, so they are not kept, and an earlier run's stay."""
+    assert StageRates.from_metrics(_run_metrics(calls=MIN_CALLS - 1)) is None
+    path = tmp_path / RATES_FILE
+    kept = remember_rates(path, "m", _run_metrics(calls=MIN_CALLS))
+    assert kept is not None
+    assert remember_rates(path, "m", _run_metrics(calls=1)) is None
+    assert read_rates(path, "m") == kept
 
 
 def _cfg(**kw) -> JobConfig:
