@@ -21,15 +21,24 @@ BAR_WIDTH = 24
 
 
 def format_line(
-    done: int, total: int, rate: float | None, rejects: int, elapsed: float, bar: bool
+    done: int,
+    total: int,
+    rate: float | None,
+    rejects: int,
+    elapsed: float,
+    bar: bool,
+    then: str | None = None,
 ) -> str:
-    """One progress line; ``rate`` is rows/s through scoring (None before the first)."""
+    """One progress line; ``rate`` is rows/s through scoring (None before the first).
+    ``then``: what the run does after scoring every row (a job mode's per-query step), said
+    in place of the ETA once every row is scored."""
     done = min(done, total)
     share = done / total if total else 1.0
     eta = _duration((total - done) / rate) if rate else "?"
+    after = f"all scored, {then}" if then and done >= total else f"ETA {eta}"
     text = (
         f"{done:,}/{total:,} rows ({share:.0%})  "
-        f"{f'{rate:,.0f}' if rate else '-'} pairs/s  ETA {eta}  rejects {rejects:,}  "
+        f"{f'{rate:,.0f}' if rate else '-'} pairs/s  {after}  rejects {rejects:,}  "
         f"{_duration(elapsed)} elapsed"
     )
     if not bar:
@@ -56,9 +65,14 @@ class Progress:
         poll: Callable[[], dict[str, Any] | None],
         stream: TextIO | None = None,
         interactive: bool | None = None,
+        then: str | None = None,
     ) -> None:
-        """``interactive``: redraw a bar in place; default: whether ``stream`` is a TTY."""
+        """``interactive``: redraw a bar in place; default: whether ``stream`` is a TTY.
+        ``then``: what follows scoring (``format_line``); off a terminal, the line that first
+        says so is printed at once."""
         self.total = total_rows
+        self.then = then
+        self._said_then = False
         self.poll = poll
         self.stream = stream or sys.stderr
         self.bar = self.stream.isatty() if interactive is None else interactive
@@ -99,12 +113,16 @@ class Progress:
             self._history.popleft()
         t0, d0 = self._history[0]
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
-        line = format_line(done, self.total, rate, state["rejects"], now - self.started, self.bar)
+        line = format_line(
+            done, self.total, rate, state["rejects"], now - self.started, self.bar, self.then
+        )
         self.last_line = line
+        scored_all = self.then is not None and done >= self.total and not self._said_then
         if self.bar:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
-        elif now - self._last_log >= LOG_EVERY_S and done:
+        elif (now - self._last_log >= LOG_EVERY_S or scored_all) and done:
             self._last_log = now
+            self._said_then = self._said_then or scored_all
             self.stream.write(line + "\n")
             self.stream.flush()
