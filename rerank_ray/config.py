@@ -113,7 +113,7 @@ class JobConfig:
         None,
         help="Tokenizer actors (CPU, 1 core each) feeding the scoring pool; default: "
         "autoscaling with demand between 1 per scoring actor and the CPUs the cluster has "
-        "left (README: Size the pools).",
+        "left (docs/cluster.md: Size the pools to the GPUs).",
     )
     batch_rows: int | None = _f(
         None,
