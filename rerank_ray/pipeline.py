@@ -182,9 +182,7 @@ def _write(cfg, plan, out, todo, transform, sink, report, resumed_rows):
     if logs.OUTPUT.progress_line:
         total = plan.num_rows - resumed_rows
         interactive = logs.OUTPUT.stderr_tty
-        # A job mode's per-query step starts once every row is scored: the line says so.
-        then = "per-query step running" if transform is not None else None
-        progress = Progress(total, report.progress, interactive=interactive, then=then).start()
+        progress = Progress(total, report.progress, interactive=interactive).start()
     try:
         report.mark("dataset_started")
         ds.write_datasink(sink)

@@ -21,24 +21,15 @@ BAR_WIDTH = 24
 
 
 def format_line(
-    done: int,
-    total: int,
-    rate: float | None,
-    rejects: int,
-    elapsed: float,
-    bar: bool,
-    then: str | None = None,
+    done: int, total: int, rate: float | None, rejects: int, elapsed: float, bar: bool
 ) -> str:
-    """One progress line; ``rate`` is rows/s through scoring (None before the first).
-    ``then``: what the run does after scoring every row (a job mode's per-query step), said
-    in place of the ETA once every row is scored."""
+    """One progress line; ``rate`` is rows/s through scoring (None before the first)."""
     done = min(done, total)
     share = done / total if total else 1.0
     eta = _duration((total - done) / rate) if rate else "?"
-    after = f"all scored, {then}" if then and done >= total else f"ETA {eta}"
     text = (
         f"{done:,}/{total:,} rows ({share:.0%})  "
-        f"{f'{rate:,.0f}' if rate else '-'} pairs/s  {after}  rejects {rejects:,}  "
+        f"{f'{rate:,.0f}' if rate else '-'} pairs/s  ETA {eta}  rejects {rejects:,}  "
         f"{_duration(elapsed)} elapsed"
     )
     if not bar:
@@ -65,14 +56,9 @@ class Progress:
         poll: Callable[[], dict[str, Any] | None],
         stream: TextIO | None = None,
         interactive: bool | None = None,
-        then: str | None = None,
     ) -> None:
-        """``interactive``: redraw a bar in place; default: whether ``stream`` is a TTY.
-        ``then``: what follows scoring (``format_line``); off a terminal, the line that first
-        says so is printed at once."""
+        """``interactive``: redraw a bar in place; default: whether ``stream`` is a TTY."""
         self.total = total_rows
-        self.then = then
-        self._said_then = False
         self.poll = poll
         self.stream = stream or sys.stderr
         self.bar = self.stream.isatty() if interactive is None else interactive
@@ -113,16 +99,12 @@ class Progress:
             self._history.popleft()
         t0, d0 = self._history[0]
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
-        line = format_line(
-            done, self.total, rate, state["rejects"], now - self.started, self.bar, self.then
-        )
+        line = format_line(done, self.total, rate, state["rejects"], now - self.started, self.bar)
         self.last_line = line
-        scored_all = self.then is not None and done >= self.total and not self._said_then
         if self.bar:
             self.stream.write("\r" + line + "\x1b[K")
             self.stream.flush()
-        elif (now - self._last_log >= LOG_EVERY_S or scored_all) and done:
+        elif now - self._last_log >= LOG_EVERY_S and done:
             self._last_log = now
-            self._said_then = self._said_then or scored_all
             self.stream.write(line + "\n")
             self.stream.flush()

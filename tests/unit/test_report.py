@@ -3,7 +3,6 @@ report, the progress line, the timed runner and the stderr line filter."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -184,11 +183,6 @@ def test_progress_line_and_rate():
         "rerank-ray progress: 50/200 rows (25%)  10 pairs/s  ETA 15s  rejects 3  1m15s elapsed"
     )
     assert format_line(300, 200, None, 0, 1, bar=True).startswith("[" + "#" * 24 + "] 200/200")
-    # A job mode's per-query step follows scoring: the line says so instead of "ETA 0s".
-    then = "per-query step running"
-    assert "ETA 15s" in format_line(50, 200, 10.0, 3, 75, bar=False, then=then)
-    done = format_line(200, 200, 10.0, 3, 75, bar=False, then=then)
-    assert "all scored, per-query step running" in done and "ETA" not in done
     states = iter([{"rows_scored_stage": 0, "rejects": 0}, {"rows_scored_stage": 40, "rejects": 1}])
 
     class Stream:
@@ -209,19 +203,6 @@ def test_progress_line_and_rate():
     progress.update()
     assert "40/100 rows (40%)" in progress.last_line and "rejects 1" in progress.last_line
     assert stream.text.count("\r") == 2
-
-
-def test_progress_off_a_terminal_says_at_once_when_the_per_query_step_starts():
-    """Off a terminal a line is printed every 30 s; the one that says every row is scored
-    (and the mode's per-query step runs) is printed when it first holds, once."""
-    states = iter([{"rows_scored_stage": n, "rejects": 0} for n in (10, 100, 100, 100)])
-    stream = io.StringIO()
-    progress = Progress(100, lambda: next(states), stream=stream, then="per-query step running")
-    for _ in range(4):
-        progress.update()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2, lines  # the first line, then the per-query step's at once
-    assert "10/100 rows" in lines[0] and "all scored, per-query step running" in lines[1]
 
 
 def test_timed_runner_times_every_micro_batch_sync_and_async():
