@@ -19,7 +19,6 @@ from rerank_ray.config import JobConfig
 from rerank_ray.progress import Progress
 from rerank_ray.report import RunReport
 from rerank_ray.sink import (
-    SOURCE_COLUMN,
     OutputLocation,
     RerankSink,
     ResumeState,
@@ -33,8 +32,6 @@ from rerank_ray.trace import CallTrace
 
 log = logging.getLogger("rerank_ray")
 
-Transform = Callable[[Any], Any]
-
 
 def s3_settings(cfg: JobConfig) -> storage.S3Settings:
     """The job's S3 settings: its flags, else the AWS environment variables."""
@@ -46,20 +43,11 @@ def output_location(cfg: JobConfig) -> OutputLocation:
     return OutputLocation(cfg.output, s3_settings(cfg), cfg.run_id)
 
 
-def run(
-    config: JobConfig,
-    transform: Transform | None = None,
-    filtered_reasons: tuple[str, ...] = (),
-    reserved_columns: tuple[str, ...] = (),
-) -> dict[str, Any]:
+def run(config: JobConfig, reserved_columns: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run a rerank job and return its manifest (also written as ``<output>/_SUCCESS``).
 
-    ``transform``, if given, maps the scored Dataset (rejected rows included, marked by a
-    non-null ``reject_reason``) before it is written; job modes use it to rank or label.
-    Rows the transform marks with a reason in ``filtered_reasons`` are counted in the
-    manifest but not written (a nightly top-k drops most candidates on purpose).
-    ``reserved_columns``: columns the transform adds, refused up front as input columns.
-    Everything that can be checked before scoring is checked first, so bad input, bad
+    ``reserved_columns``: columns a job mode adds after scoring (``modes.run``), refused up
+    front as input columns. Everything that can be checked before scoring is checked first, so bad input, bad
     credentials or an unwritable output fail in seconds, not after the model has loaded.
     """
     t0 = time.time()
@@ -88,7 +76,7 @@ def run(
     acquire_lock(out, lock)
     try:
         repair(out)
-        manifest = _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, t0)
+        manifest = _score_and_commit(cfg, out, plan, fingerprint, t0)
     finally:
         release_lock(out, lock)
     print(summary_line(manifest), flush=True)
@@ -104,14 +92,15 @@ def _in_thread(fn, *args) -> Callable[[], Any]:
     return future.result
 
 
-def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, t0):
+def _score_and_commit(cfg, out, plan, fingerprint, t0):
     """Resume what an earlier attempt of this run id staged, score the rest, commit."""
     import ray
 
-    if transform is None and not source.has_own_path_column(plan):
+    if not source.has_own_path_column(plan):
         resumed = resume_state(out, plan.rows_by_path())
     else:
-        # Per-query transforms mix shards, so their partial work cannot be kept.
+        # Resume tracks each row's source file in Ray's `path` column, which an input
+        # column of that name takes: such a run starts over.
         discard_staging(out)
         resumed = ResumeState()
     todo = [p for p in plan.paths if p not in resumed.done_sources]
@@ -140,7 +129,6 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
             "ray_version": ray.__version__,
         },
         reject_columns=[cfg.column_map.get(c, c) for c in plan.schema.names],
-        filtered_reasons=filtered_reasons,
         resumed=resumed,
         rows_per_file=cfg.rows_per_file,
         chunked=cfg.long_docs == "chunk",
@@ -159,25 +147,18 @@ def _score_and_commit(cfg, out, plan, fingerprint, transform, filtered_reasons, 
     _set_ray_progress(logs.OUTPUT.ray_progress)
     report = RunReport(cfg.run_id, t0, {"checks_done": checked, "ray_ready": time.time()})
     try:
-        return _write(cfg, plan, out, todo, transform, sink, report, resumed.rows)
+        return _write(cfg, plan, out, todo, sink, report, resumed.rows)
     finally:
         report.close()
 
 
-def _write(cfg, plan, out, todo, transform, sink, report, resumed_rows):
+def _write(cfg, plan, out, todo, sink, report, resumed_rows):
     """Build the Dataset, write it through the sink (which commits), write the report and
     remember the stages' rates for the next run of this model."""
     pools = cluster.plan_pools(cfg, rows=plan.num_rows - resumed_rows)
     report.note("tokenize_pool", pools.tokenize_plan())
     report.note("batch_rows", pools.batch_rows)
     ds = build_dataset(cfg, plan, out.s3, paths=todo, pools=pools)
-    if transform is not None:
-        if not source.has_own_path_column(plan):
-            # The source-file column serves resume, which a per-query transform turns off
-            # (above). Dropped, it is not shuffled, and the sink writes one file per write
-            # task and flush instead of one per (write task x input shard).
-            ds = ds.drop_columns([SOURCE_COLUMN])
-        ds = transform(ds)
     progress = None
     if logs.OUTPUT.progress_line:
         total = plan.num_rows - resumed_rows

@@ -127,6 +127,13 @@ def _per_query(mode, job, cfg, out, scored_out, scored_now, started):
     sink.started = started
     results: list[BlockResult] = []
     if data:
+        # The scoring stage's progress line ended at 100%: say what the wait is now.
+        log.info(
+            "run %s: %d rows scored; %s: grouping them by query and running the per-query step",
+            job.run_id,
+            scored["rows_scored"],
+            mode.name,
+        )
         cluster.init_ray(job)
         ds = ray.data.read_parquet(data, filesystem=scored_out.fs)
         column = mode.value_range_column(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import logging.handlers
 import math
 import random
 import re
@@ -85,7 +86,20 @@ def scored_reference(ray_local, bucket, tiny_model_dir, tmp_path):
 def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, tmp_path):
     cfg = job(bucket, tiny_model_dir, "nightly")
     mode = NightlyConfig(top_k=3)
-    report = run_nightly(cfg, mode)
+    # On the job's own logger: Ray reconfigures the root logger's handlers when it starts.
+    said = logging.handlers.BufferingHandler(capacity=10_000)
+    logger = logging.getLogger("rerank_ray")
+    level = logger.level
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
+    try:
+        report = run_nightly(cfg, mode)
+    finally:
+        logger.removeHandler(said)
+        logger.setLevel(level)
+    # After the scoring stage's progress line (100%), the log says what runs next.
+    lines = [r.getMessage() for r in said.buffer]
+    assert any(re.search(r"\d+ rows scored; nightly: grouping them by query", m) for m in lines)
 
     out = read(cfg)
     expected = nightly_rows(scored_reference, k=3)
