@@ -9,14 +9,15 @@ Models (random weights: speed does not depend on their values):
 - ``bge-m3``: the bge-reranker-v2-m3 shape (XLM-R large) with an XLM-R-style unigram
   tokenizer trained on the workload's text (``tokenize_rate.save_unigram_tokenizer``).
 
-Workload: ``tokenize_rate.make_blocks`` (English prose, ~100 documents per query; documents of
-``--doc-words`` words: 60-120 give ~127 tokens per pair with the MiniLM tokenizer, 46-93 ~102),
-written as Parquet shards. Each job is ``python -m rerank_ray.cli run`` in its own process, with default
-flags plus the variant's (``--jobs``), so it pays its own Ray start, as a user's run does.
-Per job: wall seconds, rows scored, the run's metrics from its manifest (the scoring
-actors' busy share, the tokenize actors the pool used), and a timeline: when the job's output
-showed Ray started, the pools planned and the run committed, and when the process exited. FlagReranker (fp16, batch 128) scores
-``--flag-pairs`` of the same pairs after the jobs, in this process. Writes ``feed.json``.
+Workload: ``tokenize_rate.make_blocks`` (English prose, ~100 documents per query; documents
+of ``--doc-words`` words: 60-120 give ~127 tokens per pair with the MiniLM tokenizer, 46-93
+~102), written as Parquet shards. Each job is ``python -m rerank_ray.cli run`` in its own
+process, with default flags plus the variant's (``--jobs``), so it pays its own Ray start, as
+a user's run does. Per job: wall seconds, rows scored, the run's metrics from its manifest
+(the scoring actors' busy share, the tokenize actors the pool used), and a timeline: when the
+job's output showed Ray started, the pools planned and the run committed, and when the
+process exited. FlagReranker (fp16, batch 128) scores ``--flag-pairs`` of the same pairs
+after the jobs, in this process. Writes ``feed.json``.
 """
 
 from __future__ import annotations

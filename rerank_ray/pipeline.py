@@ -47,8 +47,9 @@ def run(config: JobConfig, reserved_columns: tuple[str, ...] = ()) -> dict[str, 
     """Run a rerank job and return its manifest (also written as ``<output>/_SUCCESS``).
 
     ``reserved_columns``: columns a job mode adds after scoring (``modes.run``), refused up
-    front as input columns. Everything that can be checked before scoring is checked first, so bad input, bad
-    credentials or an unwritable output fail in seconds, not after the model has loaded.
+    front as input columns. Everything that can be checked before scoring is checked first,
+    so bad input, bad credentials or an unwritable output fail in seconds, not after the
+    model has loaded.
     """
     t0 = time.time()
     cfg = config.with_defaults_resolved()

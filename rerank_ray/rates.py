@@ -64,13 +64,13 @@ class StageRates:
         or a stage made fewer than ``MIN_CALLS`` calls. The scoring rate is per busy second,
         not over the run's span: a scorer starved of tokens still shows what it can do."""
         stages = (metrics or {}).get("stages") or {}
-        calls = [(stages.get(s) or {}).get("calls") or 0 for s in ("score", "tokenize")]
-        if min(calls) < MIN_CALLS:
+        score, tokenize = (stages.get(s) or {} for s in ("score", "tokenize"))
+        if min(score.get("calls") or 0, tokenize.get("calls") or 0) < MIN_CALLS:
             return None
         return cls.from_entry(
             {
-                "score_rows_per_s": (stages.get("score") or {}).get("rows_per_busy_s"),
-                "tokenize_rows_per_s": (stages.get("tokenize") or {}).get("rows_per_busy_s"),
+                "score_rows_per_s": score.get("rows_per_busy_s"),
+                "tokenize_rows_per_s": tokenize.get("rows_per_busy_s"),
             }
         )
 

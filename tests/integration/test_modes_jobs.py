@@ -86,7 +86,8 @@ def scored_reference(ray_local, bucket, tiny_model_dir, tmp_path):
 def test_nightly_top_k_across_shards(scored_reference, bucket, tiny_model_dir, tmp_path):
     cfg = job(bucket, tiny_model_dir, "nightly")
     mode = NightlyConfig(top_k=3)
-    # On the job's own logger: Ray reconfigures the root logger's handlers when it starts.
+    # A handler on the job's own logger: caplog's, on the root logger, did not get the job's
+    # INFO records once Ray had started in this process.
     said = logging.handlers.BufferingHandler(capacity=10_000)
     logger = logging.getLogger("rerank_ray")
     level = logger.level

@@ -176,7 +176,7 @@ def test_device_kind_names_the_gpu_type_when_ray_knows_it():
     assert device_kind(gpu_node, use_gpu=False) == "cpu"
 
 
-def _run_metrics(calls: int = 8) -> dict:
+def _run_metrics(calls: int = MIN_CALLS) -> dict:
     """A run's metrics: one tokenize actor busy all along at 3,900 rows/s; one scoring actor
     at 75,000 rows per busy second that waits for tokens between its ``calls`` calls."""
     m = RunMetrics(0.0)
