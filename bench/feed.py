@@ -87,9 +87,11 @@ def build_model(name: str, folder: Path, minilm_tokenizer: Path, texts: list[str
     return folder
 
 
-def write_input(folder: Path, words: list[str], pairs: int, doc_words: tuple[int, int]) -> int:
-    """Parquet shards of ``pairs`` rows (rounded up to whole blocks), replacing any earlier
-    input there; the rows written."""
+def write_input(
+    folder: Path, words: list[str], pairs: int, doc_words: tuple[int, int] = (60, 120)
+) -> int:
+    """Parquet shards of ``pairs`` rows (rounded up to whole blocks, documents of
+    ``doc_words`` words), replacing any earlier input there; the rows written."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     blocks = make_blocks(words, -(-pairs // 2048), seed=1, doc_words=doc_words)
