@@ -170,8 +170,8 @@ def init_ray(cfg: JobConfig) -> None:
     ``ray start``) after checking it answers, else start a local instance with at least the
     logical CPUs the job's actors need; with fewer (e.g. on a 2-core machine) the pools
     would hold every CPU and the read task would never start. A local instance lives only as
-    long as the job and starts no dashboard, which would add to Ray's start-up; to watch a
-    job in the dashboard, run it on a ``ray start`` cluster (README)."""
+    long as the job and starts no dashboard (as the demo's): to watch a job in the
+    dashboard, run it on a ``ray start`` cluster (README)."""
     import ray
 
     if ray.is_initialized():
